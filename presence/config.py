@@ -1,0 +1,45 @@
+"""One configuration object shared by the twistd plugin, presence.tac and presence-admin."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Config:
+    # Listeners (twisted strports endpoint descriptions).
+    web: str = "tcp:8080"
+    ws: str = "tcp:8081"
+    # How this node is reached from outside; used for entry points and assertion audiences.
+    public_url: str = "http://localhost:8080"
+    public_ws_url: str = "ws://localhost:8081"
+    node: str = field(default_factory=socket.gethostname)
+    database: str = "sqlite:presence.sqlite"
+
+    # Identity.
+    trusted_issuers: list[str] = field(default_factory=list)
+    audiences: list[str] = field(default_factory=list)
+    insecure_identity: bool = False
+    support_cache_ttl: float = 3600.0
+
+    # Devices.
+    grace: float = 10.0
+    device_rate: float = 5.0
+    device_burst: int = 10
+
+    # Applications.
+    auth_timeout: float = 10.0
+    batch_window: float = 0.05
+    pending_ttl: float = 3600.0
+    slow_limit: int = 10_000
+    slow_timeout: float = 30.0
+
+    # Websocket hygiene.
+    max_message: int = 64 * 1024
+    handshake_timeout: float = 10.0
+    ping_interval: float = 30.0
+
+    def accepted_audiences(self) -> list[str]:
+        """Origins a device's assertion may be addressed to."""
+        return [self.public_url, *self.audiences]

@@ -1,0 +1,154 @@
+"""The store interface every backend implements, and the records it returns.
+
+Times are float seconds since the epoch, given by the caller (so tests drive them with a Clock).
+Every method is a coroutine; a backend raises StoreUnavailable when the database cannot be reached,
+so callers can turn it into one clear error instead of a traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+# Application states.
+PENDING = "pending"      # registered, domain not verified yet; no app_id yet
+VERIFIED = "verified"    # domain verified: has an app_id, no API key
+ACTIVE = "active"        # has an API key: may open its stream
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be reached or failed; nothing was changed."""
+
+
+@dataclass(frozen=True)
+class App:
+    id: int                      # internal, stable from registration on
+    app_id: str | None           # public id, assigned when the domain is verified
+    developer: str               # email of the owner
+    domain: str
+    name: str
+    description: str
+    verification_key: str        # 1024 chars, served by the developer at http://<domain>/__presence
+    state: str                   # PENDING, VERIFIED or ACTIVE
+    api_key_hash: str | None     # hex sha256 of the API key; the key itself is never stored
+    created_at: float
+    verified_at: float | None
+    activated_at: float | None
+
+
+@dataclass(frozen=True)
+class Grant:
+    email: str
+    app_id: str
+    uid: str                     # the person's id for this application only
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Device:
+    email: str
+    device: str
+    node: str
+    status: str
+    last_seen: float
+
+
+@dataclass(frozen=True)
+class PersonStatus:
+    email: str
+    status: str
+    changed_at: float
+
+
+@dataclass(frozen=True)
+class PendingUpdate:
+    """A change waiting for an application that has no connection: the latest per person."""
+
+    app_id: str
+    email: str
+    uid: str
+    status: str
+    at: float
+
+
+class Store(Protocol):
+    async def open(self) -> None:
+        """Connect and bring the schema to the latest version (running upgrades in order)."""
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the database answers a trivial query."""
+
+    async def schema_version(self) -> int: ...
+
+    # -- developers and applications ------------------------------------------------------
+    async def add_developer(self, email: str, now: float) -> None:
+        """Idempotent."""
+
+    async def create_app(
+        self, developer: str, domain: str, name: str, description: str, verification_key: str, now: float
+    ) -> App:
+        """A new PENDING application (adds the developer if needed)."""
+
+    async def get_app(self, app_id: str) -> App | None:
+        """By public app id."""
+
+    async def get_app_by_id(self, id: int) -> App | None: ...
+
+    async def list_apps(self, developer: str | None = None) -> list[App]:
+        """Ordered by id."""
+
+    async def mark_verified(self, id: int, app_id: str, now: float) -> App:
+        """PENDING -> VERIFIED with the given app_id; an already verified app is returned unchanged."""
+
+    async def set_api_key(self, id: int, api_key_hash: str, now: float) -> App:
+        """VERIFIED or ACTIVE -> ACTIVE with this key hash (activate and rotate). KeyError if unknown,
+        ValueError if still PENDING."""
+
+    async def deactivate(self, id: int) -> App:
+        """ACTIVE -> VERIFIED, key hash cleared."""
+
+    async def delete_app(self, id: int) -> None:
+        """Removes the app, its grants and its pending updates."""
+
+    # -- grants ----------------------------------------------------------------------------
+    async def add_grant(self, email: str, app_id: str, uid: str, now: float) -> Grant:
+        """Idempotent: an existing grant is returned as it is (its uid is kept)."""
+
+    async def get_grant(self, email: str, app_id: str) -> Grant | None: ...
+
+    async def revoke_grant(self, email: str, app_id: str) -> bool:
+        """Deletes the grant and the app's pending updates for that person; False if there was none."""
+
+    async def list_grants(self, email: str | None = None, app_id: str | None = None) -> list[Grant]:
+        """Filtered by either or both; ordered by (email, app_id)."""
+
+    # -- devices and statuses ----------------------------------------------------------------
+    async def set_device(self, email: str, device: str, node: str, status: str, now: float) -> None:
+        """Upsert; last_seen = now."""
+
+    async def remove_device(self, email: str, device: str) -> None: ...
+
+    async def list_devices(self, email: str) -> list[Device]: ...
+
+    async def take_node_devices(self, node: str) -> list[Device]:
+        """Remove and return every device recorded for a node (at its start or clean stop)."""
+
+    async def set_status(self, email: str, status: str, now: float) -> None:
+        """The person's combined status, upserted, changed_at = now."""
+
+    async def get_status(self, email: str) -> PersonStatus | None: ...
+
+    # -- waiting updates for applications without a connection -----------------------------
+    async def queue_pending(self, updates: list[PendingUpdate]) -> None:
+        """Upsert by (app_id, email): a newer update (by ``at``) replaces an older one, never the reverse."""
+
+    async def take_pending(self, app_id: str, not_before: float) -> list[PendingUpdate]:
+        """Remove and return the app's waiting updates, ordered by ``at``; those older than
+        not_before are deleted and not returned."""
+
+    async def expire_pending(self, before: float) -> int:
+        """Delete every waiting update older than ``before``; returns how many."""
+
+    async def count_pending(self, app_id: str | None = None) -> int: ...
