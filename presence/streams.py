@@ -1,0 +1,283 @@
+"""Application streams on this node: batching status changes, fanning them out, and keeping them for
+applications that are not connected or do not keep up.
+
+No protocol lives here: a connection is a ``Sink`` (send bytes, close), so all of it is testable with a
+Clock and a list.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol
+
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from presence import errors
+from presence.store import PendingUpdate, Store
+
+log = Logger()
+
+
+@dataclass(slots=True)
+class Update:
+    """One person's new status as one application sees it."""
+
+    email: str
+    uid: str
+    status: str
+    at: float
+
+    def as_json(self) -> dict:
+        return {"email": self.email, "status": self.status, "uid": self.uid, "at": round(self.at, 3)}
+
+
+def encode(updates: Iterable[Update]) -> bytes:
+    return json.dumps([u.as_json() for u in updates], separators=(",", ":")).encode("utf-8")
+
+
+class Sink(Protocol):
+    def send(self, payload: bytes) -> None: ...
+
+    def close(self, code: int, reason: str) -> None: ...
+
+
+def _merge(into: dict[str, Update], updates: Iterable[Update]) -> None:
+    """Keep only the latest update per person."""
+    for u in updates:
+        old = into.get(u.email)
+        if old is None or u.at >= old.at:
+            into[u.email] = u
+
+
+class Subscriber:
+    """One application connection as the fan-out sees it.
+
+    It sends while the socket keeps up. While the transport's buffer is full (paused) or the waiting
+    updates are still being loaded, changes are coalesced per person; past ``limit`` people or
+    ``timeout`` seconds paused the connection is closed and what it had not been sent goes back to the
+    waiting queue, so a slow reader costs bounded memory and loses nothing.
+    """
+
+    def __init__(
+        self,
+        app_id: str,
+        sink: Sink,
+        clock: IReactorTime,
+        limit: int,
+        timeout: float,
+        on_overflow: Callable[["Subscriber"], None],
+    ):
+        self.app_id = app_id
+        self.sink = sink
+        self.clock = clock
+        self.limit = limit
+        self.timeout = timeout
+        self.on_overflow = on_overflow
+        self.loading = True
+        self.paused = False
+        self.closed = False
+        self.backlog: dict[str, Update] = {}
+        self._stall: IDelayedCall | None = None
+
+    def push(self, payload: bytes, updates: list[Update]) -> None:
+        if self.closed:
+            return
+        if self.loading or self.paused:
+            _merge(self.backlog, updates)
+            if len(self.backlog) > self.limit:
+                self._overflow("too many changes waiting for a slow reader")
+        else:
+            self.sink.send(payload)
+
+    def loaded(self, waiting: list[Update]) -> None:
+        """The updates that waited while the application was away: they go out first, live ones after."""
+        merged: dict[str, Update] = {}
+        _merge(merged, waiting)
+        _merge(merged, self.backlog.values())
+        self.backlog = merged
+        self.loading = False
+        if not self.paused:
+            self._drain()
+
+    def pause(self) -> None:
+        self.paused = True
+        if self._stall is None and not self.closed:
+            self._stall = self.clock.callLater(self.timeout, self._overflow, "the reader stalled")
+
+    def resume(self) -> None:
+        self.paused = False
+        self._cancel_stall()
+        if not self.loading:
+            self._drain()
+
+    def detach(self) -> list[Update]:
+        """Stop; return what this connection was never sent."""
+        self.closed = True
+        self._cancel_stall()
+        left, self.backlog = list(self.backlog.values()), {}
+        return left
+
+    def _drain(self) -> None:
+        if self.backlog and not self.closed:
+            updates = sorted(self.backlog.values(), key=lambda u: u.at)
+            self.backlog = {}
+            self.sink.send(encode(updates))
+
+    def _cancel_stall(self) -> None:
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()
+        self._stall = None
+
+    def _overflow(self, why: str) -> None:
+        self._stall = None
+        if self.closed:
+            return
+        log.warn("closing slow application connection of {app_id}: {why}", app_id=self.app_id, why=why)
+        self.on_overflow(self)
+        self.sink.close(errors.CLOSE_TOO_SLOW, f"too slow: {why}; changes kept for the next connection")
+
+
+@dataclass
+class _Channel:
+    subscribers: list[Subscriber] = field(default_factory=list)
+    batch: dict[str, Update] = field(default_factory=dict)
+    timer: IDelayedCall | None = None
+
+
+class Streams:
+    """Every application connected to this node, and the changes on their way to them."""
+
+    def __init__(
+        self,
+        store: Store,
+        clock: IReactorTime,
+        batch_window: float = 0.05,
+        pending_ttl: float = 3600.0,
+        slow_limit: int = 10_000,
+        slow_timeout: float = 30.0,
+        retry_delay: float = 5.0,
+    ):
+        self.store = store
+        self.clock = clock
+        self.batch_window = batch_window
+        self.pending_ttl = pending_ttl
+        self.slow_limit = slow_limit
+        self.slow_timeout = slow_timeout
+        self.retry_delay = retry_delay
+        self.channels: dict[str, _Channel] = {}
+        # Waiting updates the store could not take yet (it was down); retried, never dropped.
+        self._unsaved: dict[tuple[str, str], Update] = {}
+        self._retry: IDelayedCall | None = None
+        self._writes: set[Deferred] = set()
+
+    # -- changes in ---------------------------------------------------------------------------
+    def publish(self, app_id: str, update: Update) -> None:
+        channel = self.channels.get(app_id)
+        if channel is None:
+            self._keep(app_id, [update])
+            return
+        channel.batch[update.email] = update
+        if channel.timer is None:
+            channel.timer = self.clock.callLater(self.batch_window, self._flush, app_id)
+
+    def _flush(self, app_id: str) -> None:
+        channel = self.channels.get(app_id)
+        if channel is None:
+            return
+        channel.timer = None
+        updates, channel.batch = list(channel.batch.values()), {}
+        if not updates:
+            return
+        if not channel.subscribers:
+            self._keep(app_id, updates)
+            return
+        payload = encode(updates)
+        for subscriber in list(channel.subscribers):
+            subscriber.push(payload, updates)
+
+    # -- connections --------------------------------------------------------------------------
+    async def subscribe(self, app_id: str, sink: Sink) -> Subscriber:
+        """Attach a connection; it first receives what waited for the application, then live changes."""
+        subscriber = Subscriber(app_id, sink, self.clock, self.slow_limit, self.slow_timeout, self._overflowed)
+        self.channels.setdefault(app_id, _Channel()).subscribers.append(subscriber)
+        try:
+            waiting = await self.store.take_pending(app_id, self.clock.seconds() - self.pending_ttl)
+        except BaseException:
+            self.unsubscribe(subscriber)
+            raise
+        kept = [u for (a, _), u in list(self._unsaved.items()) if a == app_id]
+        for u in kept:
+            del self._unsaved[(app_id, u.email)]
+        subscriber.loaded([Update(p.email, p.uid, p.status, p.at) for p in waiting] + kept)
+        return subscriber
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        channel = self.channels.get(subscriber.app_id)
+        left = subscriber.detach()
+        if channel is None or subscriber not in channel.subscribers:
+            return
+        channel.subscribers.remove(subscriber)
+        if left:
+            self._keep(subscriber.app_id, left)
+        if not channel.subscribers:
+            if channel.timer is not None and channel.timer.active():
+                channel.timer.cancel()
+            if channel.batch:
+                self._keep(subscriber.app_id, list(channel.batch.values()))
+            del self.channels[subscriber.app_id]
+
+    def _overflowed(self, subscriber: Subscriber) -> None:
+        self.unsubscribe(subscriber)
+
+    def close_app(self, app_id: str, code: int, reason: str) -> None:
+        """Close every connection of one application (deactivated, deleted)."""
+        channel = self.channels.get(app_id)
+        for subscriber in list(channel.subscribers) if channel else []:
+            subscriber.sink.close(code, reason)
+
+    def connection_count(self) -> int:
+        return sum(len(c.subscribers) for c in self.channels.values())
+
+    # -- the waiting queue --------------------------------------------------------------------
+    def _keep(self, app_id: str, updates: list[Update]) -> None:
+        rows = [PendingUpdate(app_id, u.email, u.uid, u.status, u.at) for u in updates]
+        d = ensureDeferred(self.store.queue_pending(rows))
+        self._writes.add(d)
+
+        def failed(failure):
+            log.failure("could not store {n} waiting updates for {app_id}; retrying", failure,
+                        n=len(updates), app_id=app_id)
+            for u in updates:
+                key = (app_id, u.email)
+                if key not in self._unsaved or self._unsaved[key].at <= u.at:
+                    self._unsaved[key] = u
+            self._schedule_retry()
+
+        d.addErrback(failed)
+        d.addBoth(lambda _: self._writes.discard(d))
+
+    def _schedule_retry(self) -> None:
+        if self._retry is None or not self._retry.active():
+            self._retry = self.clock.callLater(self.retry_delay, self._retry_unsaved)
+
+    def _retry_unsaved(self) -> None:
+        by_app: dict[str, list[Update]] = {}
+        for (app_id, _), u in self._unsaved.items():
+            by_app.setdefault(app_id, []).append(u)
+        self._unsaved = {}
+        for app_id, updates in by_app.items():
+            self._keep(app_id, updates)
+
+    async def flush(self) -> None:
+        """Send every gathered batch now and wait until the waiting queue is written (clean stop)."""
+        for app_id, channel in list(self.channels.items()):
+            if channel.timer is not None and channel.timer.active():
+                channel.timer.cancel()
+            self._flush(app_id)
+        while self._writes:
+            await DeferredList(list(self._writes), consumeErrors=True)
+        if self._unsaved:
+            log.error("stopping with {n} waiting updates the store did not take", n=len(self._unsaved))

@@ -1,0 +1,114 @@
+"""``twistd presence``: the options (each with help and default) and the service they build.
+
+presence.tac builds the same service from PRESENCE_* environment variables, from the same table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+
+from twisted.application.service import IServiceCollection, MultiService
+from twisted.python import usage
+
+from presence.config import Config
+
+# (Config field, help). The option is the field with dashes; the environment variable PRESENCE_<FIELD>.
+SETTINGS: list[tuple[str, str]] = [
+    ("web", "strports endpoint for the web pages"),
+    ("ws", "strports endpoint for the websockets (devices at /presence, applications at /<appid>)"),
+    ("public_url", "how people reach the web pages; also the audience devices' assertions must name"),
+    ("public_ws_url", "how the websocket listener is reached from outside; entry points are <this>/<appid>"),
+    ("node", "this node's name (unique among nodes sharing a database)"),
+    ("database", "sqlite:PATH (embedded, default) or postgresql://user:password@host:port/database"),
+    ("insecure_identity", "accept identity issuers over plain http and on loopback/IP addresses (tests and local setups only)"),
+    ("support_cache_ttl", "seconds to cache an identity issuer's /.well-known/browserid document"),
+    ("grace", "seconds a dropped device keeps its status before it counts as offline"),
+    ("device_rate", "status messages per second a device may send (sustained)"),
+    ("device_burst", "status messages a device may send in a burst"),
+    ("auth_timeout", "seconds a new websocket has to authenticate (connect or key)"),
+    ("batch_window", "seconds to gather status changes into one list per application"),
+    ("pending_ttl", "seconds a change waits for an application that is not connected"),
+    ("slow_limit", "people with undelivered changes before a slow application connection is closed"),
+    ("slow_timeout", "seconds an application connection may stop reading before it is closed"),
+    ("max_message", "largest websocket message accepted, in bytes"),
+    ("handshake_timeout", "seconds a client has to finish the websocket opening handshake"),
+    ("ping_interval", "seconds between websocket pings (0: none); a peer that does not answer is dropped"),
+]
+LISTS: list[tuple[str, str, str]] = [
+    ("trusted_issuers", "trusted-issuer", "an identity issuer trusted for any email address (repeatable)"),
+    ("audiences", "audience", "another origin device assertions may name (repeatable)"),
+]
+
+_DEFAULTS = Config()
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = type(getattr(_DEFAULTS, name))
+    if kind is bool:
+        return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+    try:
+        return kind(value)
+    except ValueError:
+        raise usage.UsageError(f"--{name.replace('_', '-')} needs a {kind.__name__}, not {value!r}")
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = "Run a Presence node: devices report status, granted applications receive it live."
+    optFlags = [[name.replace("_", "-"), None, text] for name, text in SETTINGS if isinstance(getattr(_DEFAULTS, name), bool)]
+    optParameters = [
+        [name.replace("_", "-"), None, getattr(_DEFAULTS, name), text]
+        for name, text in SETTINGS
+        if not isinstance(getattr(_DEFAULTS, name), bool)
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        for field, _, _ in LISTS:
+            self[field] = []
+
+    def opt_trusted_issuer(self, issuer: str) -> None:
+        """an identity issuer trusted for any email address (repeatable)"""
+        self["trusted_issuers"].append(issuer)
+
+    def opt_audience(self, origin: str) -> None:
+        """another origin device assertions may name (repeatable)"""
+        self["audiences"].append(origin)
+
+    def opt_version(self) -> None:
+        """print the version and exit"""
+        from presence import __version__
+
+        print(f"presence {__version__}")
+        raise SystemExit(0)
+
+    def config(self) -> Config:
+        values = {name: _coerce(name, self[name.replace("_", "-")]) for name, _ in SETTINGS}
+        values.update({field: list(self[field]) for field, _, _ in LISTS})
+        return Config(**values)
+
+
+def config_from_env(env: Mapping[str, str] = os.environ) -> Config:
+    """PRESENCE_<SETTING> variables (lists comma-separated), for presence.tac."""
+    values: dict[str, Any] = {}
+    for name, _ in SETTINGS:
+        raw = env.get("PRESENCE_" + name.upper())
+        if raw is not None:
+            values[name] = _coerce(name, raw)
+    for field, _, _ in LISTS:
+        raw = env.get("PRESENCE_" + field.upper())
+        if raw:
+            values[field] = [item.strip() for item in raw.split(",") if item.strip()]
+    return Config(**values)
+
+
+def makeService(options: Options | Config, reactor: Any = None) -> IServiceCollection:
+    config = options if isinstance(options, Config) else options.config()
+    from presence.node import Node
+
+    top = MultiService()
+    Node(config, reactor=reactor).setServiceParent(top)
+    return top

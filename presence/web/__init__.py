@@ -1,0 +1,1 @@
+"""The web pages (Klein + Jinja2) on the --web listener."""

@@ -1,0 +1,70 @@
+"""The application session (``/<appid>``): authenticate with the API key, then receive status lists."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+
+from presence import errors
+from presence.apps import Applications
+from presence.errors import PresenceError
+from presence.streams import Streams, Subscriber
+from presence.ws.session import Peer, Session
+
+
+class AppSession(Session):
+    def __init__(self, peer: Peer, app_id: str, apps: Applications, streams: Streams, clock: IReactorTime,
+                 auth_timeout: float):
+        super().__init__(peer, clock, auth_timeout)
+        self.app_id = app_id
+        self.apps = apps
+        self.streams = streams
+        self.subscriber: Subscriber | None = None
+        self._authenticating = False
+
+    async def dispatch(self, message: dict) -> Any:
+        if self.subscriber is None and not self._authenticating:
+            return await self.handle_key(message)
+        raise PresenceError(errors.UNKNOWN_TYPE, "an application stream only receives; nothing to send")
+
+    async def handle_key(self, message: dict) -> None:
+        self._authenticating = True
+        try:
+            app = await self.apps.authenticate(self.app_id, message.get("key"))
+        except PresenceError:
+            self._authenticating = False
+            raise
+        if self.closed:
+            return None
+        self.authenticated()
+        self.peer.send_json({"result": "OK", "app_id": app.app_id})
+        subscriber = await self.streams.subscribe(self.app_id, self)
+        if self.closed:
+            self.streams.unsubscribe(subscriber)
+        else:
+            self.subscriber = subscriber
+        return None
+
+    # -- as the fan-out's Sink and the transport's producer ---------------------------------------------
+    def send(self, payload: bytes) -> None:
+        if not self.closed:
+            self.peer.send(payload)
+
+    def close(self, code: int, reason: str) -> None:
+        if not self.closed:
+            self.closed = True
+            self.peer.close(code, reason)
+
+    def pause(self) -> None:
+        if self.subscriber is not None:
+            self.subscriber.pause()
+
+    def resume(self) -> None:
+        if self.subscriber is not None:
+            self.subscriber.resume()
+
+    def disconnected(self) -> None:
+        if self.subscriber is not None:
+            self.streams.unsubscribe(self.subscriber)
+            self.subscriber = None

@@ -1,0 +1,80 @@
+"""The device session (``/presence``): prove an email, then report statuses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+
+from presence import errors
+from presence.errors import PresenceError
+from presence.hub import Device, Hub
+from presence.keys import new_id
+from presence.ratelimit import TokenBucket
+from presence.status import is_status
+from presence.ws.session import Peer, Session, optional_ids
+
+MAX_DEVICE_ID = 128
+
+
+class DeviceSession(Session):
+    def __init__(self, peer: Peer, hub: Hub, verifier: Any, clock: IReactorTime, auth_timeout: float,
+                 rate: float, burst: int):
+        super().__init__(peer, clock, auth_timeout)
+        self.hub = hub
+        self.verifier = verifier
+        self.bucket = TokenBucket(rate, burst, clock)
+        self.device: Device | None = None
+        self.session_id: str | None = None
+
+    async def dispatch(self, message: dict) -> Any:
+        kind = message.get("type")
+        if kind == "connect":
+            return await self.handle_connect(message)
+        if kind == "status":
+            return await self.handle_status(message)
+        raise PresenceError(errors.UNKNOWN_TYPE, f"unknown message type {kind!r}; expected connect or status")
+
+    async def handle_connect(self, message: dict) -> dict:
+        if self.device is not None:
+            raise PresenceError(errors.ALREADY_CONNECTED, "this session is already connected")
+        assertion = message.get("assertion")
+        if not isinstance(assertion, str) or not assertion:
+            raise PresenceError(errors.BAD_FIELD, "connect needs an assertion (a BrowserID assertion string)")
+        device_id = message.get("device")
+        if device_id is not None and (not isinstance(device_id, str) or not 0 < len(device_id) <= MAX_DEVICE_ID):
+            raise PresenceError(errors.BAD_FIELD, f"device must be a string of 1 to {MAX_DEVICE_ID} characters")
+        scope = optional_ids(message)
+        try:
+            identity = await self.verifier.verify(assertion)
+        except PresenceError as e:
+            raise PresenceError(e.errno, e.message, errors.CLOSE_AUTH_FAILED)
+        if self.closed:
+            return None
+        self.authenticated()
+        email = identity.email.lower()
+        self.session_id = new_id()
+        self.device = self.hub.attach(email, device_id or "session:" + self.session_id, scope, self)
+        return {"result": True, "session_id": self.session_id}
+
+    async def handle_status(self, message: dict) -> dict:
+        if self.device is None:
+            raise PresenceError(errors.NOT_CONNECTED, "send connect with an assertion first")
+        status = message.get("status")
+        if not is_status(status):
+            raise PresenceError(errors.BAD_FIELD, "status must be online, unavailable or offline")
+        app_ids = optional_ids(message)
+        if not self.bucket.take():
+            raise PresenceError(errors.SLOW_DOWN, "too many status changes; slow down")
+        await self.hub.set_status(self.device, status, app_ids)
+        return {"result": "OK"}
+
+    # -- as the hub's DeviceConnection ----------------------------------------------------------------
+    def close(self, code: int, reason: str) -> None:
+        if not self.closed:
+            self.closed = True
+            self.peer.close(code, reason)
+
+    def disconnected(self) -> None:
+        if self.device is not None:
+            self.hub.detach(self.device, self)

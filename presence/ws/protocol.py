@@ -1,0 +1,100 @@
+"""The Autobahn side: a thin protocol that hands frames to a session, and the factory that routes
+a request path to the right session and remembers open connections for a clean stop."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+
+from presence.ws.session import Peer, Session
+
+
+@implementer(IPushProducer)
+class _Backpressure:
+    """Registered on the transport so the session learns when the peer stops reading."""
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    def pauseProducing(self) -> None:
+        pause = getattr(self.session, "pause", None)
+        if pause:
+            pause()
+
+    def resumeProducing(self) -> None:
+        resume = getattr(self.session, "resume", None)
+        if resume:
+            resume()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class PresenceServerProtocol(WebSocketServerProtocol):
+    session: Session | None = None
+
+    def onConnect(self, request):
+        # route() raises ConnectionDeny for a path that is neither /presence nor /<appid>
+        self.session = self.factory.route(request.path, self)
+        return None
+
+    def onOpen(self) -> None:
+        self.factory.open_connections.add(self)
+        self.transport.registerProducer(_Backpressure(self.session), True)
+        self.session.opened()
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if isBinary:
+            self.session.binary()
+        else:
+            self.session.received(payload.decode("utf-8"))  # Autobahn has validated the UTF-8
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.factory.open_connections.discard(self)
+        if self.session is not None:
+            session, self.session = self.session, None
+            session.lost()
+
+    # -- Peer -----------------------------------------------------------------------------------------
+    def send_json(self, message: Any) -> None:
+        self.send(json.dumps(message, separators=(",", ":")).encode("utf-8"))
+
+    def send(self, payload: bytes) -> None:
+        if self.state == self.STATE_OPEN:
+            self.sendMessage(payload)
+
+    def close(self, code: int, reason: str) -> None:
+        if self.state == self.STATE_OPEN:
+            self.sendClose(code, reason.encode("utf-8")[:120].decode("utf-8", "ignore"))
+
+
+class PresenceServerFactory(WebSocketServerFactory):
+    protocol = PresenceServerProtocol
+
+    def __init__(self, route: Callable[[str, Peer], Session], reactor: Any, *, max_message: int,
+                 handshake_timeout: float, ping_interval: float):
+        super().__init__(reactor=reactor)
+        self.route = route
+        self.open_connections: set[PresenceServerProtocol] = set()
+        self.setProtocolOptions(
+            maxFramePayloadSize=max_message,
+            maxMessagePayloadSize=max_message,
+            openHandshakeTimeout=handshake_timeout,
+            closeHandshakeTimeout=5,
+            autoPingInterval=ping_interval,
+            autoPingTimeout=ping_interval,
+            perMessageCompressionAccept=lambda offers: None,
+        )
+
+    def close_all(self, code: int, reason: str) -> None:
+        for protocol in list(self.open_connections):
+            protocol.close(code, reason)
+
+
+def not_found(path: str) -> ConnectionDeny:
+    return ConnectionDeny(404, f"no websocket at {path}: use /presence for devices or /<appid> for applications")

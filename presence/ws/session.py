@@ -1,0 +1,127 @@
+"""What every websocket session shares: JSON parsing, handling one message after the other, the
+authentication deadline, and turning errors into replies."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from presence import errors
+from presence.errors import PresenceError
+from presence.store import StoreUnavailable
+
+log = Logger()
+
+
+class Peer(Protocol):
+    """The socket as a session sees it (the Autobahn protocol, or a list in tests)."""
+
+    def send_json(self, message: Any) -> None: ...
+
+    def send(self, payload: bytes) -> None: ...
+
+    def close(self, code: int, reason: str) -> None: ...
+
+
+def parse(text: str) -> dict:
+    try:
+        message = json.loads(text)
+    except ValueError:
+        raise PresenceError(errors.MALFORMED, "not valid JSON")
+    if not isinstance(message, dict):
+        raise PresenceError(errors.MALFORMED, "a message must be a JSON object")
+    return message
+
+
+def optional_ids(message: dict, name: str = "application_ids") -> frozenset[str] | None:
+    value = message.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or len(value) > 1000:
+        raise PresenceError(errors.BAD_FIELD, f"{name} must be a list of application ids (strings)")
+    return frozenset(value)
+
+
+class Session:
+    """Messages of one connection are handled strictly in order, even when handling one waits on
+    the store or the network; a client that piles up messages meanwhile is told to slow down."""
+
+    max_waiting = 32
+
+    def __init__(self, peer: Peer, clock: IReactorTime, auth_timeout: float):
+        self.peer = peer
+        self.clock = clock
+        self.auth_timeout = auth_timeout
+        self.closed = False
+        self._tail: Deferred = succeed(None)
+        self._waiting = 0
+        self._deadline: IDelayedCall | None = None
+
+    # -- called by the protocol ------------------------------------------------------------------
+    def opened(self) -> None:
+        self._deadline = self.clock.callLater(self.auth_timeout, self._too_late)
+
+    def received(self, text: str) -> None:
+        if self._waiting >= self.max_waiting:
+            self.peer.send_json(PresenceError(errors.SLOW_DOWN, "too many messages waiting; slow down").reply())
+            return
+        self._waiting += 1
+        self._tail.addBoth(lambda _: ensureDeferred(self._handle(text)))
+
+    def binary(self) -> None:
+        self.fail(PresenceError(errors.BINARY, "binary frames are not supported; send JSON text",
+                                errors.CLOSE_UNSUPPORTED))
+
+    def lost(self) -> None:
+        self.closed = True
+        self.authenticated()
+        self.disconnected()
+
+    # -- for subclasses ------------------------------------------------------------------------------
+    async def dispatch(self, message: dict) -> Any:
+        raise NotImplementedError
+
+    def disconnected(self) -> None:
+        pass
+
+    def authenticated(self) -> None:
+        """Stop the authentication deadline."""
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def fail(self, error: PresenceError) -> None:
+        if self.closed:
+            return
+        self.peer.send_json(error.reply())
+        if error.close_code is not None:
+            self.closed = True
+            self.peer.close(error.close_code, error.message)
+
+    # -- inside -------------------------------------------------------------------------------------
+    async def _handle(self, text: str) -> None:
+        self._waiting -= 1
+        if self.closed:
+            return
+        try:
+            reply = await self.dispatch(parse(text))
+        except PresenceError as e:
+            self.fail(e)
+        except StoreUnavailable as e:
+            log.warn("store unavailable while handling a message: {why}", why=e)
+            self.fail(PresenceError(errors.UNAVAILABLE, "the node cannot reach its store; try again shortly"))
+        except Exception:
+            log.failure("unexpected error while handling a message")
+            self.fail(PresenceError(errors.UNAVAILABLE, "internal error; try again shortly"))
+        else:
+            if reply is not None and not self.closed:
+                self.peer.send_json(reply)
+
+    def _too_late(self) -> None:
+        self._deadline = None
+        self.fail(PresenceError(errors.AUTH_TIMEOUT, f"not authenticated within {self.auth_timeout:g} seconds",
+                                errors.CLOSE_AUTH_TIMEOUT))
