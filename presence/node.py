@@ -35,12 +35,9 @@ _APP_PATH = re.compile(r"^/([A-Za-z0-9_-]{1,64})$")
 def make_verifier(config: Config, clock: Any, http_client: Any = None) -> Any:
     import treq
 
-    from presence.identity import SupportDocuments, Verifier
+    from presence.identity import Verifier
 
-    support = SupportDocuments(http_client or treq, clock, ttl=config.support_cache_ttl,
-                               insecure=config.insecure_identity)
-    return Verifier(config.accepted_audiences(), config.trusted_issuers, support, clock,
-                    insecure=config.insecure_identity)
+    return Verifier.from_config(config, http_client or treq, clock)
 
 
 class Node(Service):

@@ -10,6 +10,9 @@ import os
 import secrets
 
 import pytest
+import pytest_twisted
+
+pytest_plugins = ["tests.idp"]
 
 POSTGRES_ADMIN = os.environ.get("PRESENCE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -53,3 +56,14 @@ def database_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:{tmp_path / 'presence.sqlite'}"
     return request.getfixturevalue("postgres_url")
+
+
+@pytest_twisted.async_yield_fixture
+async def sqlite_store(sqlite_url):
+    """An open SQLite store in a temporary file."""
+    from presence.store import open_store
+
+    store = open_store(sqlite_url)
+    await store.open()
+    yield store
+    await store.close()

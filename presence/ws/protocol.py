@@ -69,8 +69,9 @@ class PresenceServerProtocol(WebSocketServerProtocol):
             self.sendMessage(payload)
 
     def close(self, code: int, reason: str) -> None:
+        # sendCloseFrame, not sendClose: a server may send 1001/1003/1011, which sendClose refuses.
         if self.state == self.STATE_OPEN:
-            self.sendClose(code, reason.encode("utf-8")[:120].decode("utf-8", "ignore"))
+            self.sendCloseFrame(code, reason.encode("utf-8")[:120].decode("utf-8", "ignore").encode("utf-8"))
 
 
 class PresenceServerFactory(WebSocketServerFactory):
@@ -86,6 +87,7 @@ class PresenceServerFactory(WebSocketServerFactory):
             maxMessagePayloadSize=max_message,
             openHandshakeTimeout=handshake_timeout,
             closeHandshakeTimeout=5,
+            failByDrop=False,  # protocol violations get a close frame with a code, not a bare drop
             autoPingInterval=ping_interval,
             autoPingTimeout=ping_interval,
             perMessageCompressionAccept=lambda offers: None,

@@ -1,0 +1,35 @@
+"""Small stand-ins for the socket side (never for the store): they record what was sent."""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+
+class ListPeer:
+    """A Peer / Sink that keeps what it was given."""
+
+    def __init__(self):
+        self.sent: list = []
+        self.closed: tuple[int, str] | None = None
+
+    def send_json(self, message):
+        self.sent.append(message)
+
+    def send(self, payload: bytes):
+        self.sent.append(json.loads(payload))
+
+    def close(self, code, reason):
+        self.closed = (code, reason)
+
+
+async def eventually(condition, timeout: float = 5.0, step: float = 0.01):
+    """Wait (on the real reactor) until condition() is true; store calls run in threads or sockets."""
+    waited = 0.0
+    while not condition():
+        if waited > timeout:
+            raise AssertionError("condition not met in time")
+        await deferLater(reactor, step, lambda: None)
+        waited += step

@@ -1,0 +1,147 @@
+"""The fan-out to applications: batching, coalescing, slow readers and the waiting queue."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from twisted.internet.task import Clock
+
+from presence import errors
+from presence.streams import Streams, Subscriber, Update
+from tests.fakes import ListPeer
+
+
+def upd(email, status, at, uid=None):
+    return Update(email, uid or "u-" + email, status, at)
+
+
+def as_json(*updates):
+    return [u.as_json() for u in updates]
+
+
+class TestSubscriber:
+    def make(self, limit=3, timeout=10.0):
+        clock, sink, overflowed = Clock(), ListPeer(), []
+        sub = Subscriber("app", sink, clock, limit, timeout, overflowed.append)
+        return clock, sink, overflowed, sub
+
+    def test_loading_holds_live_changes_until_waiting_ones_are_out(self):
+        clock, sink, _, sub = self.make()
+        live = upd("a@x", "online", 2)
+        sub.push(b"[]", [live])
+        assert sink.sent == []
+        sub.loaded([upd("a@x", "offline", 1), upd("b@x", "online", 1.5)])
+        # one list: the older waiting change of a@x is replaced by the live one
+        assert sink.sent == [as_json(upd("b@x", "online", 1.5), live)]
+
+    def test_paused_connection_coalesces_per_person_and_sends_on_resume(self):
+        clock, sink, _, sub = self.make()
+        sub.loaded([])
+        sub.pause()
+        sub.push(b"", [upd("a@x", "online", 1)])
+        sub.push(b"", [upd("a@x", "unavailable", 2), upd("b@x", "online", 3)])
+        assert sink.sent == []
+        sub.resume()
+        assert sink.sent == [as_json(upd("a@x", "unavailable", 2), upd("b@x", "online", 3))]
+
+    def test_too_many_waiting_people_closes_and_hands_back_the_backlog(self):
+        clock, sink, overflowed, sub = self.make(limit=2)
+        sub.loaded([])
+        sub.pause()
+        sub.push(b"", [upd(f"{i}@x", "online", i) for i in range(3)])
+        assert overflowed == [sub]
+        assert sink.closed[0] == errors.CLOSE_TOO_SLOW
+        assert len(sub.detach()) == 3
+
+    def test_a_stalled_reader_is_closed_after_the_timeout(self):
+        clock, sink, overflowed, sub = self.make(timeout=10)
+        sub.loaded([])
+        sub.pause()
+        clock.advance(9)
+        assert sink.closed is None
+        clock.advance(1)
+        assert sink.closed[0] == errors.CLOSE_TOO_SLOW and overflowed == [sub]
+
+    def test_resume_in_time_cancels_the_stall_timer(self):
+        clock, sink, overflowed, sub = self.make(timeout=10)
+        sub.loaded([])
+        sub.pause()
+        clock.advance(5)
+        sub.resume()
+        clock.advance(20)
+        assert sink.closed is None and overflowed == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_changes_in_one_window_go_out_as_one_list_latest_per_person(sqlite_store):
+    clock = Clock()
+    streams = Streams(sqlite_store, clock, batch_window=0.05)
+    a, b = ListPeer(), ListPeer()
+    await streams.subscribe("app", a)
+    await streams.subscribe("app", b)
+    streams.publish("app", upd("p@x", "online", 1))
+    streams.publish("app", upd("q@x", "online", 1))
+    streams.publish("app", upd("p@x", "unavailable", 1.01))
+    assert a.sent == []
+    clock.advance(0.05)
+    expected = [as_json(upd("p@x", "unavailable", 1.01), upd("q@x", "online", 1))]
+    assert a.sent == expected and b.sent == expected
+
+
+@pytest_twisted.ensureDeferred
+async def test_changes_for_an_absent_application_wait_and_come_first_on_connect(sqlite_store):
+    clock = Clock()
+    clock.advance(1000)
+    streams = Streams(sqlite_store, clock, pending_ttl=3600)
+    streams.publish("app", upd("p@x", "online", 990))
+    streams.publish("app", upd("p@x", "offline", 995))
+    streams.publish("app", upd("q@x", "unavailable", 996))
+    await streams.flush()
+    assert await sqlite_store.count_pending("app") == 2
+    peer = ListPeer()
+    await streams.subscribe("app", peer)
+    assert peer.sent == [as_json(upd("p@x", "offline", 995), upd("q@x", "unavailable", 996))]
+    assert await sqlite_store.count_pending("app") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_waiting_changes_older_than_the_ttl_are_not_delivered(sqlite_store):
+    clock = Clock()
+    clock.advance(10_000)
+    streams = Streams(sqlite_store, clock, pending_ttl=3600)
+    streams.publish("app", upd("old@x", "online", 10_000 - 3601))
+    streams.publish("app", upd("new@x", "online", 10_000 - 10))
+    await streams.flush()
+    peer = ListPeer()
+    await streams.subscribe("app", peer)
+    assert peer.sent == [as_json(upd("new@x", "online", 10_000 - 10))]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_left_when_the_last_connection_goes_is_kept(sqlite_store):
+    clock = Clock()
+    streams = Streams(sqlite_store, clock)
+    peer = ListPeer()
+    sub = await streams.subscribe("app", peer)
+    streams.publish("app", upd("p@x", "online", 1))
+    streams.unsubscribe(sub)
+    await streams.flush()
+    assert [(p.email, p.status) for p in await sqlite_store.take_pending("app", 0)] == [("p@x", "online")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_reader_closed_for_overflow_loses_nothing(sqlite_store):
+    clock = Clock()
+    streams = Streams(sqlite_store, clock, slow_limit=1)
+    fast, slow = ListPeer(), ListPeer()
+    await streams.subscribe("app", fast)
+    slow_sub = await streams.subscribe("app", slow)
+    slow_sub.pause()
+    streams.publish("app", upd("p@x", "online", 1))
+    streams.publish("app", upd("q@x", "online", 1))
+    clock.advance(0.05)
+    assert slow.closed[0] == errors.CLOSE_TOO_SLOW
+    assert len(fast.sent[0]) == 2
+    await streams.flush()
+    assert sorted(p.email for p in await sqlite_store.take_pending("app", 0)) == ["p@x", "q@x"]
+    assert streams.connection_count() == 1

@@ -1,0 +1,97 @@
+"""`twistd presence` as operators run it: a real process, real sockets, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest_twisted
+import treq
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+from presence import errors
+from tests.wsclient import WSClient
+
+AUDIENCE = "http://presence.test:8080"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def twistd() -> str:
+    return shutil.which("twistd", path=str(Path(sys.executable).parent)) or "twistd"
+
+
+def admin(database: str, *args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "presence.admin", "--database", database, *args],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+async def wait_listening(port: int, process: subprocess.Popen, timeout: float = 20.0) -> None:
+    for _ in range(int(timeout / 0.1)):
+        assert process.poll() is None, process.stdout.read()
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        await deferLater(reactor, 0.1, lambda: None)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_presence_serves_devices_and_applications_and_stops_cleanly(idp, tmp_path):
+    database = f"sqlite:{tmp_path / 'presence.sqlite'}"
+    admin(database, "apps", "create", "dev@example.com", "example.com", "Example")
+    app_id = admin(database, "apps", "verify", "1", "--force").split()[-1]
+    key = admin(database, "apps", "activate", "1").splitlines()[-1]
+    admin(database, "grants", "add", "alice@example.com", app_id)
+
+    web, ws = free_port(), free_port()
+    process = subprocess.Popen(
+        [twistd(), "-n", "--pidfile=", "presence", "--web", f"tcp:{web}:interface=127.0.0.1",
+         "--ws", f"tcp:{ws}:interface=127.0.0.1", "--database", database, "--public-url", AUDIENCE,
+         "--insecure-identity", "--trusted-issuer", idp.domain, "--grace", "60"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        await wait_listening(ws, process)
+        page = await treq.get(f"http://127.0.0.1:{web}/")
+        assert page.code == 200 and "Presence" in await page.text()
+
+        stream = await WSClient.connect(ws, "/" + app_id)
+        stream.send({"key": key})
+        assert (await stream.receive())["result"] == "OK"
+        phone = await WSClient.connect(ws, "/presence")
+        phone.send({"type": "connect", "assertion": idp.assertion("alice@example.com", AUDIENCE)})
+        assert (await phone.receive())["result"] is True
+        phone.send({"type": "status", "status": "online"})
+        assert await phone.receive() == {"result": "OK"}
+        assert [(u["email"], u["status"]) for u in await stream.receive()] == [("alice@example.com", "online")]
+
+        process.send_signal(signal.SIGTERM)
+        # clean stop: the application hears the device go offline (no grace on a clean stop),
+        # then both are closed with "going away"
+        assert [(u["email"], u["status"]) for u in await stream.receive()] == [("alice@example.com", "offline")]
+        assert await phone.wait_closed() == errors.CLOSE_GOING_AWAY
+        assert await stream.wait_closed() == errors.CLOSE_GOING_AWAY
+        for _ in range(100):
+            if process.poll() is not None:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        assert process.returncode == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        output = process.stdout.read()
+    assert "ready" in output and "stopped" in output
+    assert key not in output and "eyJ" not in output  # no API key, no assertion in the log
