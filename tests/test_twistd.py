@@ -96,3 +96,22 @@ async def test_twistd_presence_serves_devices_and_applications_and_stops_cleanly
         output = process.stdout.read()
     assert "ready" in output and "stopped" in output
     assert key not in output and "eyJ" not in output  # no API key, no assertion in the log
+
+
+@pytest_twisted.ensureDeferred
+async def test_presence_tac_runs_the_same_node_from_the_environment(tmp_path):
+    web, ws = free_port(), free_port()
+    tac = Path(__file__).resolve().parent.parent / "presence.tac"
+    env = {**os.environ, "PRESENCE_WEB": f"tcp:{web}:interface=127.0.0.1",
+           "PRESENCE_WS": f"tcp:{ws}:interface=127.0.0.1", "PRESENCE_DATABASE": f"sqlite:{tmp_path / 'tac.sqlite'}",
+           "PRESENCE_NODE": "from-tac"}
+    process = subprocess.Popen([twistd(), "-n", "--pidfile=", "-y", str(tac)], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        await wait_listening(ws, process)
+        page = await treq.get(f"http://127.0.0.1:{web}/")
+        assert "from-tac" in await page.text()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    assert (tmp_path / "tac.sqlite").exists()
