@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import string
 
 KEY_LENGTH = 1024  # the design asks for 1024-character keys
 
@@ -14,9 +15,13 @@ def new_key(length: int = KEY_LENGTH) -> str:
     return secrets.token_urlsafe(length)[:length]
 
 
-def new_id(nbytes: int = 12) -> str:
-    """A short random identifier (application ids, per-application user ids, session ids)."""
-    return secrets.token_urlsafe(nbytes)
+_ALNUM = string.ascii_letters + string.digits
+
+
+def new_id(length: int = 22) -> str:
+    """A random identifier (application ids, per-application user ids, session ids): letters and
+    digits only (~131 bits), so it never starts with a dash on a command line or needs escaping."""
+    return "".join(secrets.choice(_ALNUM) for _ in range(length))
 
 
 def hash_key(key: str) -> str:

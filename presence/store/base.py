@@ -1,8 +1,10 @@
 """The store interface every backend implements, and the records it returns.
 
 Times are float seconds since the epoch, given by the caller (so tests drive them with a Clock).
-Every method is a coroutine; a backend raises StoreUnavailable when the database cannot be reached,
-so callers can turn it into one clear error instead of a traceback.
+Every method is a coroutine; a backend raises StoreUnavailable when the database cannot be reached
+(or after close()), so callers can turn it into one clear error instead of a traceback. A broken
+constraint (a grant for an unknown app, a uid or app_id already taken) raises ValueError; an
+unknown application id given to a state change raises KeyError.
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ class Store(Protocol):
         ValueError if still PENDING."""
 
     async def deactivate(self, id: int) -> App:
-        """ACTIVE -> VERIFIED, key hash cleared."""
+        """ACTIVE -> VERIFIED, key hash and activated_at cleared; any other state is returned unchanged."""
 
     async def delete_app(self, id: int) -> None:
         """Removes the app, its grants and its pending updates."""
