@@ -275,3 +275,28 @@ async def test_clean_stop_closes_with_going_away_and_queues_the_offline_change(i
         assert statuses(await stream.receive()) == [("alice@example.com", "offline")]
     finally:
         await node.stop()
+
+
+# Autobahn rounds this timeout to whole seconds (txaio batched timers), so no sub-second value here.
+@pytest.mark.parametrize("running", [{"handshake_timeout": 2}], indirect=True)
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_never_finishes_the_handshake_is_dropped(running):
+    from twisted.internet import protocol, reactor
+    from twisted.internet.defer import Deferred
+    from twisted.internet.endpoints import TCP4ClientEndpoint
+
+    lost = Deferred()
+
+    class Silent(protocol.Protocol):
+        def connectionMade(self):
+            self.transport.write(b"GET /presence HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+
+        def connectionLost(self, reason):
+            lost.callback(None)
+
+    await TCP4ClientEndpoint(reactor, "127.0.0.1", running.ws).connect(protocol.Factory.forProtocol(Silent))
+    timer = reactor.callLater(5, lost.cancel)
+    await lost   # the node hung up (a CancelledError here would mean it did not)
+    timer.cancel()
+    # and it still serves others
+    await running.device("a@example.com")
