@@ -35,6 +35,11 @@ class Config:
     slow_limit: int = 10_000
     slow_timeout: float = 30.0
 
+    # Several nodes on one database.
+    heartbeat: float = 5.0
+    node_timeout: float = 30.0
+    log_retention: float = 600.0
+
     # Websocket hygiene.
     max_message: int = 64 * 1024
     handshake_timeout: float = 10.0

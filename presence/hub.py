@@ -1,23 +1,27 @@
-"""The node core: people, their devices, and which applications hear about their status.
+"""The node core: the devices connected to this node and every change of a person's status.
 
-A person's status, as one application sees it, is the most available status among the person's live
-devices whose sessions include that application. Every change of that view is published to the
-application through ``Streams``. Nothing here knows about websockets.
+The store holds each person's devices (on every node) and is the truth about their status; a change
+runs as one store transaction (``Store.change_person``) that also says which applications' view of
+the person changed. The hub keeps only what is local: which connection is which device, and the grace
+timers of dropped ones. Nothing here knows about websockets.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Protocol
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
 from twisted.internet.defer import DeferredLock, ensureDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from presence import errors
-from presence.status import OFFLINE, most_available
-from presence.store import Grant, Store, StoreUnavailable
-from presence.streams import Streams, Update
+from presence import changelog, errors
+from presence.keys import new_id
+from presence.status import OFFLINE
+from presence.store import Device, LoggedChange, PersonChange, Store, StoreUnavailable
+from presence.streams import Streams
+from presence.views import visible_to
 
 log = Logger()
 
@@ -27,33 +31,19 @@ class DeviceConnection(Protocol):
 
 
 @dataclass(eq=False)
-class Device:
+class Link:
+    """This node's connection of one device (live, or dropped and in its grace period)."""
+
     email: str
     device: str
-    scope: frozenset[str] | None = None      # application ids this session speaks to; None = all granted
-    status: str = OFFLINE                    # what it said last, for every application in scope
-    overrides: dict[str, str] = field(default_factory=dict)  # per-application statuses of a targeted change
-    connection: DeviceConnection | None = None
+    session: str
+    connection: DeviceConnection | None
     grace: IDelayedCall | None = None
 
-    def visible_to(self, app_id: str) -> bool:
-        return self.scope is None or app_id in self.scope
-
-    def status_for(self, app_id: str) -> str:
-        return self.overrides.get(app_id, self.status)
-
-
-@dataclass(eq=False)
-class Person:
-    email: str
-    devices: dict[str, Device] = field(default_factory=dict)
-    lock: DeferredLock = field(default_factory=DeferredLock)
-
-    def view(self, app_id: str) -> str:
-        return most_available(d.status_for(app_id) for d in self.devices.values() if d.visible_to(app_id))
-
-    def overall(self) -> str:
-        return most_available(d.status for d in self.devices.values())
+    def cancel_grace(self) -> None:
+        if self.grace is not None and self.grace.active():
+            self.grace.cancel()
+        self.grace = None
 
 
 class Hub:
@@ -65,133 +55,148 @@ class Hub:
         self.node = node
         self.grace = grace
         self.retry_delay = retry_delay
-        self.people: dict[str, Person] = {}
+        self.links: dict[tuple[str, str], Link] = {}
+        self._locks: dict[str, DeferredLock] = {}
 
     # -- devices ----------------------------------------------------------------------------------
-    def attach(self, email: str, device_id: str, scope: frozenset[str] | None,
-               connection: DeviceConnection) -> Device:
-        """A device proved its owner's email. The same device connecting again replaces its older
-        connection and keeps its status, so a quick reconnect causes no flap."""
-        person = self.people.get(email)
-        if person is None:
-            person = self.people[email] = Person(email)
-        device = person.devices.get(device_id)
-        if device is None:
-            device = person.devices[device_id] = Device(email, device_id)
-        else:
-            if device.grace is not None and device.grace.active():
-                device.grace.cancel()
-            device.grace = None
-            old = device.connection
-            if old is not None and old is not connection:
-                old.close(errors.CLOSE_REPLACED, "replaced by a newer connection of the same device")
-        device.connection = connection
-        device.scope = scope
-        return device
+    async def attach(self, email: str, device_id: str, scope: frozenset[str] | None,
+                     connection: DeviceConnection) -> Link:
+        """A device proved its owner's email. The same device connecting again (here or on another
+        node) replaces its older connection and keeps its status, so a quick reconnect causes no flap."""
+        key = (email, device_id)
+        old = self.links.get(key)
+        if old is not None:
+            old.cancel_grace()
+            if old.connection is not None and old.connection is not connection:
+                old.connection.close(errors.CLOSE_REPLACED, "replaced by a newer connection of the same device")
+        link = self.links[key] = Link(email, device_id, new_id(), connection)
+        now = self.clock.seconds()
 
-    async def set_status(self, device: Device, status: str, app_ids: frozenset[str] | None = None) -> None:
+        def take(devices: dict[str, Device]) -> None:
+            previous = devices.get(device_id)
+            devices[device_id] = Device(
+                email, device_id, self.node, previous.status if previous else OFFLINE, now, link.session, scope,
+                previous.overrides if previous else {})
+
+        await self._change(email, take, {"takeover": [email, device_id, link.session]})
+        return link
+
+    async def set_status(self, link: Link, status: str, app_ids: frozenset[str] | None = None) -> None:
         """Apply a status the device reported; ``app_ids`` limits this one change to those applications."""
+        now = self.clock.seconds()
+        taken_over = []
 
-        def change(person: Person) -> list[Device]:
+        def report(devices: dict[str, Device]) -> None:
+            device = devices.get(link.device)
+            if device is None or device.session != link.session:
+                taken_over.append(True)
+                return
             if app_ids is None:
-                device.status = status
-                device.overrides.clear()
+                devices[link.device] = dataclasses.replace(device, status=status, overrides={}, last_seen=now)
             else:
-                for app_id in app_ids:
-                    if device.visible_to(app_id):
-                        device.overrides[app_id] = status
-            return []
+                overrides = dict(device.overrides)
+                overrides.update({a: status for a in app_ids if visible_to(device, a)})
+                devices[link.device] = dataclasses.replace(device, overrides=overrides, last_seen=now)
 
-        await self._change(device.email, change, device)
+        await self._change(link.email, report)
+        if taken_over:
+            self._forget(link)
+            raise errors.PresenceError(errors.NOT_CONNECTED, "this device connected again elsewhere",
+                                       errors.CLOSE_REPLACED)
 
-    def detach(self, device: Device, connection: DeviceConnection) -> None:
+    def detach(self, link: Link, connection: DeviceConnection) -> None:
         """The connection dropped: the device counts as it was for ``grace`` seconds, then goes offline."""
-        if device.connection is not connection:
+        if link.connection is not connection or self.links.get((link.email, link.device)) is not link:
             return  # already replaced by a newer connection
-        device.connection = None
-        device.grace = self.clock.callLater(self.grace, self._expire, device)
+        link.connection = None
+        link.grace = self.clock.callLater(self.grace, self._expire, link)
 
-    def _expire(self, device: Device) -> None:
-        device.grace = None
+    def _expire(self, link: Link) -> None:
+        link.grace = None
 
         async def remove() -> None:
             try:
-                await self._change(device.email, lambda person: self._forget(person, device), None)
+                await self._change(link.email, lambda devices: _drop(devices, link))
             except StoreUnavailable as e:
                 log.warn("could not mark {email}'s device offline ({why}); retrying in {delay}s",
-                         email=device.email, why=e, delay=self.retry_delay)
-                device.grace = self.clock.callLater(self.retry_delay, self._expire, device)
+                         email=link.email, why=e, delay=self.retry_delay)
+                if self.links.get((link.email, link.device)) is link:
+                    link.grace = self.clock.callLater(self.retry_delay, self._expire, link)
+                return
+            self._forget(link)
 
         ensureDeferred(remove()).addErrback(lambda f: log.failure("marking a device offline failed", f))
 
-    @staticmethod
-    def _forget(person: Person, device: Device) -> list[Device]:
-        if person.devices.get(device.device) is device and device.connection is None:
-            del person.devices[device.device]
-            return [device]
-        return []
-
-    @staticmethod
-    def _forget_all(person: Person) -> list[Device]:
-        gone = list(person.devices.values())
-        person.devices.clear()
-        return gone
+    def _forget(self, link: Link) -> None:
+        link.cancel_grace()
+        if self.links.get((link.email, link.device)) is link:
+            del self.links[(link.email, link.device)]
 
     # -- the one place a change happens ------------------------------------------------------------
-    async def _change(self, email: str, change: Callable[[Person], list[Device]], device: Device | None) -> None:
-        """Apply ``change`` (which returns the devices it removed) and publish what it changed for
-        every application the person granted; then record it."""
-        person = self.people.get(email)
-        if person is None:
-            return
-        async with person.lock:
-            grants: list[Grant] = await self.store.list_grants(email=email)
-            before = [person.view(g.app_id) for g in grants]
-            overall_before = person.overall()
-            removed = change(person)
-            now = self.clock.seconds()
-            for grant, old in zip(grants, before):
-                new = person.view(grant.app_id)
-                if new != old:
-                    self.streams.publish(grant.app_id, Update(email, grant.uid, new, now))
-            if device is not None:
-                await self.store.set_device(email, device.device, self.node, device.status, now)
-            for gone in removed:
-                await self.store.remove_device(email, gone.device)
-            overall = person.overall()
-            if overall != overall_before:
-                await self.store.set_status(email, overall, now)
-        if not person.devices and not person.lock.locked and self.people.get(email) is person:
-            del self.people[email]
+    async def _change(self, email: str, mutate: Callable[[dict[str, Device]], None],
+                      extra: dict[str, Any] | None = None) -> PersonChange:
+        """Run a change of one person in the store and hand what it changed to the local streams.
+        The lock keeps this node's changes of one person in order (the store orders nodes)."""
+        lock = self._locks.setdefault(email, DeferredLock())
+        try:
+            async with lock:
+                change = await self.store.change_person(email, mutate, self.node, self.clock.seconds(), extra)
+                self.streams.publish(change.updates, change.queued)
+                return change
+        finally:
+            if not lock.locked and not lock.waiting and self._locks.get(email) is lock:
+                del self._locks[email]
 
-    # -- start and stop -----------------------------------------------------------------------------
-    async def recover(self) -> int:
-        """At start: devices this node had when it last stopped without cleaning up are offline now."""
-        rows = await self.store.take_node_devices(self.node)
-        emails = sorted({row.email for row in rows})
-        now = self.clock.seconds()
+    # -- changes made by other nodes ----------------------------------------------------------------
+    def apply(self, logged: LoggedChange) -> None:
+        """A change from the log: deliver its updates here; close a device taken over elsewhere."""
+        if logged.origin == self.node:
+            return  # delivered when it was made
+        updates, queued, extra = changelog.decode(logged.payload)
+        self.streams.publish(updates, queued)
+        takeover = extra.get("takeover")
+        if takeover:
+            email, device_id, session = takeover
+            link = self.links.get((email, device_id))
+            if link is not None and link.session != session:
+                self._forget(link)
+                if link.connection is not None:
+                    link.connection.close(errors.CLOSE_REPLACED, "replaced by a newer connection of the same device")
+
+    # -- start, stop, and other nodes' leftovers ------------------------------------------------------
+    async def clear_node(self, node: str) -> int:
+        """Every device recorded on ``node`` goes offline now (this node at start after a crash, or
+        at a clean stop; a dead node, from a survivor). Returns how many people it touched."""
+        emails = await self.store.emails_on_node(node)
         for email in emails:
-            current = await self.store.get_status(email)
-            if current is not None and current.status == OFFLINE:
-                continue
-            for grant in await self.store.list_grants(email=email):
-                self.streams.publish(grant.app_id, Update(email, grant.uid, OFFLINE, now))
-            await self.store.set_status(email, OFFLINE, now)
+            await self._change(email, lambda devices: _drop_node(devices, node))
         return len(emails)
+
+    def drop_all(self) -> None:
+        """Close every device connection (they reconnect and state their status again)."""
+        for link in list(self.links.values()):
+            self._forget(link)
+            if link.connection is not None:
+                link.connection.close(errors.CLOSE_GOING_AWAY, "node out of sync; reconnect")
 
     async def stop(self) -> None:
         """Clean stop: every device of this node goes offline now, and applications hear it."""
-        for person in list(self.people.values()):
-            for device in list(person.devices.values()):
-                if device.grace is not None and device.grace.active():
-                    device.grace.cancel()
-                device.grace = None
-                device.connection = None
-            try:
-                await self._change(person.email, self._forget_all, None)
-            except StoreUnavailable as e:
-                log.error("could not mark {email} offline while stopping: {why}", email=person.email, why=e)
+        for link in list(self.links.values()):
+            link.cancel_grace()
+            link.connection = None
+        self.links.clear()
         try:
-            await self.store.take_node_devices(self.node)
+            await self.clear_node(self.node)
         except StoreUnavailable as e:
-            log.error("could not clear this node's devices while stopping: {why}", why=e)
+            log.error("could not mark this node's devices offline while stopping: {why}", why=e)
+
+
+def _drop(devices: dict[str, Device], link: Link) -> None:
+    device = devices.get(link.device)
+    if device is not None and device.session == link.session:
+        del devices[link.device]
+
+
+def _drop_node(devices: dict[str, Device], node: str) -> None:
+    for device_id in [d for d, device in devices.items() if device.node == node]:
+        del devices[device_id]

@@ -20,6 +20,8 @@ from twisted.web.server import Site
 from presence import errors
 from presence.apps import Applications
 from presence.config import Config
+from presence.bus import ChangeFeed
+from presence.cluster import Cluster
 from presence.hub import Hub
 from presence.store import StoreUnavailable, open_store
 from presence.streams import Streams
@@ -49,9 +51,15 @@ class Node(Service):
         self.config = config
         self.reactor = reactor
         self.store = store or open_store(config.database, reactor=reactor)
-        self.streams = Streams(self.store, reactor, config.batch_window, config.pending_ttl,
+        self.streams = Streams(self.store, reactor, config.node, config.batch_window, config.pending_ttl,
                                config.slow_limit, config.slow_timeout)
         self.hub = Hub(self.store, self.streams, reactor, config.node, config.grace)
+        shared = config.database.startswith(("postgresql:", "postgres:"))
+        self.feed = ChangeFeed(self.store, reactor, self.hub.apply, listen_url=config.database if shared else None)
+        self.cluster = Cluster(self.store, self.hub, self.feed, reactor, config.node, config.node_timeout,
+                               config.log_retention)
+        self._heartbeat = LoopingCall(self._beat)
+        self._heartbeat.clock = reactor
         self.apps = Applications(self.store, reactor, allow_ports=config.insecure_identity)
         self.verifier = verifier or make_verifier(config, reactor)
         self.ws_factory = PresenceServerFactory(
@@ -102,10 +110,13 @@ class Node(Service):
                           "Check --database and that the database server runs.", why=e, delay=delay)
                 await deferLater(self.reactor, delay, lambda: None)
                 delay = min(delay * 2, 30.0)
-        recovered = await self.hub.recover()
+        await self.feed.start()
+        await self.cluster.join()
+        recovered = await self.hub.clear_node(self.config.node)
         if recovered:
             log.info("marked {n} people offline whose devices were on this node when it last stopped", n=recovered)
         self._expiry.start(60, now=False)
+        self._heartbeat.start(self.config.heartbeat, now=False)
         from presence.web.site import WebSite
 
         self.web_port = await endpoints.serverFromString(self.reactor, self.config.web).listen(
@@ -126,6 +137,9 @@ class Node(Service):
     def _expire_pending(self) -> Deferred:
         return ensureDeferred(self._expire_pending_async())
 
+    def _beat(self) -> Deferred:
+        return ensureDeferred(self.cluster.beat())
+
     # -- stop -----------------------------------------------------------------------------------------
     def stopService(self) -> Deferred:
         super().stopService()
@@ -138,9 +152,11 @@ class Node(Service):
         for port in (self.web_port, self.ws_port):
             if port is not None:
                 await port.stopListening()
-        if self._expiry.running:
-            self._expiry.stop()
+        for loop in (self._expiry, self._heartbeat):
+            if loop.running:
+                loop.stop()
         if not self.ready:
+            self.feed.stop()
             return
         await self.hub.stop()
         await self.streams.flush()
@@ -151,5 +167,11 @@ class Node(Service):
             await deferLater(self.reactor, 0.1, lambda: None)
         for protocol in list(self.ws_factory.open_connections):
             protocol.dropConnection(abort=True)
+        await self.streams.flush()
+        try:
+            await self.cluster.leave()
+        except StoreUnavailable as e:
+            log.error("could not leave the node registry: {why}", why=e)
+        self.feed.stop()
         await self.store.close()
         log.info("presence node {node} stopped", node=self.config.node)

@@ -1,5 +1,11 @@
 """Application streams on this node: batching status changes, fanning them out, and keeping them for
-applications that are not connected or do not keep up.
+applications that do not keep up.
+
+Which applications wait: the node registers in the store every application it holds connections of
+(``subscriptions``); a change for an application no node holds is queued in the same transaction that
+made it. What is left here is what only this node knows: the backlog of a connection that is closed
+or overflows, a batch gathered when the last connection leaves, and changes that arrive for an
+application that just left this node (the registry said someone held it; nobody does now).
 
 No protocol lives here: a connection is a ``Sink`` (send bytes, close), so all of it is testable with a
 Clock and a list.
@@ -17,21 +23,9 @@ from twisted.logger import Logger
 
 from presence import errors
 from presence.store import PendingUpdate, Store
+from presence.views import Update
 
 log = Logger()
-
-
-@dataclass(slots=True)
-class Update:
-    """One person's new status as one application sees it."""
-
-    email: str
-    uid: str
-    status: str
-    at: float
-
-    def as_json(self) -> dict:
-        return {"email": self.email, "status": self.status, "uid": self.uid, "at": round(self.at, 3)}
 
 
 def encode(updates: Iterable[Update]) -> bytes:
@@ -154,6 +148,7 @@ class Streams:
         self,
         store: Store,
         clock: IReactorTime,
+        node: str = "node",
         batch_window: float = 0.05,
         pending_ttl: float = 3600.0,
         slow_limit: int = 10_000,
@@ -162,26 +157,43 @@ class Streams:
     ):
         self.store = store
         self.clock = clock
+        self.node = node
         self.batch_window = batch_window
         self.pending_ttl = pending_ttl
         self.slow_limit = slow_limit
         self.slow_timeout = slow_timeout
         self.retry_delay = retry_delay
         self.channels: dict[str, _Channel] = {}
+        # Applications whose last connection here left recently: the registry may still have said we
+        # hold them when a change was made, so its updates are queued here instead.
+        self.recently_left: dict[str, float] = {}
+        self.left_memory = 30.0
         # Waiting updates the store could not take yet (it was down); retried, never dropped.
         self._unsaved: dict[tuple[str, str], Update] = {}
         self._retry: IDelayedCall | None = None
         self._writes: set[Deferred] = set()
 
     # -- changes in ---------------------------------------------------------------------------
-    def publish(self, app_id: str, update: Update) -> None:
-        channel = self.channels.get(app_id)
-        if channel is None:
-            self._keep(app_id, [update])
-            return
-        channel.batch[update.email] = update
-        if channel.timer is None:
-            channel.timer = self.clock.callLater(self.batch_window, self._flush, app_id)
+    def publish(self, updates: list[Update], queued: frozenset[str] = frozenset()) -> None:
+        """Changes made here or received from another node; ``queued`` applications' updates are
+        already waiting in the store."""
+        for update in updates:
+            channel = self.channels.get(update.app_id)
+            if channel is not None:
+                channel.batch[update.email] = update
+                if channel.timer is None:
+                    channel.timer = self.clock.callLater(self.batch_window, self._flush, update.app_id)
+            elif update.app_id not in queued and self._left_recently(update.app_id):
+                self._keep(update.app_id, [update])
+
+    def _left_recently(self, app_id: str) -> bool:
+        left = self.recently_left.get(app_id)
+        if left is None:
+            return False
+        if self.clock.seconds() - left > self.left_memory:
+            del self.recently_left[app_id]
+            return False
+        return True
 
     def _flush(self, app_id: str) -> None:
         channel = self.channels.get(app_id)
@@ -190,9 +202,6 @@ class Streams:
         channel.timer = None
         updates, channel.batch = list(channel.batch.values()), {}
         if not updates:
-            return
-        if not channel.subscribers:
-            self._keep(app_id, updates)
             return
         payload = encode(updates)
         for subscriber in list(channel.subscribers):
@@ -204,6 +213,8 @@ class Streams:
         subscriber = Subscriber(app_id, sink, self.clock, self.slow_limit, self.slow_timeout, self._overflowed)
         self.channels.setdefault(app_id, _Channel()).subscribers.append(subscriber)
         try:
+            # Registered before taking what waits: a change made after this goes to a connection.
+            await self.store.subscribe(self.node, app_id)
             waiting = await self.store.take_pending(app_id, self.clock.seconds() - self.pending_ttl)
         except BaseException:
             self.unsubscribe(subscriber)
@@ -211,7 +222,7 @@ class Streams:
         kept = [u for (a, _), u in list(self._unsaved.items()) if a == app_id]
         for u in kept:
             del self._unsaved[(app_id, u.email)]
-        subscriber.loaded([Update(p.email, p.uid, p.status, p.at) for p in waiting] + kept)
+        subscriber.loaded([Update(p.app_id, p.email, p.uid, p.status, p.at) for p in waiting] + kept)
         return subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
@@ -223,11 +234,14 @@ class Streams:
         if left:
             self._keep(subscriber.app_id, left)
         if not channel.subscribers:
+            app_id = subscriber.app_id
             if channel.timer is not None and channel.timer.active():
                 channel.timer.cancel()
             if channel.batch:
-                self._keep(subscriber.app_id, list(channel.batch.values()))
-            del self.channels[subscriber.app_id]
+                self._keep(app_id, list(channel.batch.values()))
+            del self.channels[app_id]
+            self.recently_left[app_id] = self.clock.seconds()
+            self._track(ensureDeferred(self.store.unsubscribe(self.node, app_id)), "unregister an application")
 
     def _overflowed(self, subscriber: Subscriber) -> None:
         self.unsubscribe(subscriber)
@@ -242,6 +256,12 @@ class Streams:
         return sum(len(c.subscribers) for c in self.channels.values())
 
     # -- the waiting queue --------------------------------------------------------------------
+    def _track(self, d: Deferred, what: str) -> None:
+        """A write the clean stop must wait for."""
+        self._writes.add(d)
+        d.addErrback(lambda f: log.failure("could not " + what, f))
+        d.addBoth(lambda _: self._writes.discard(d))
+
     def _keep(self, app_id: str, updates: list[Update]) -> None:
         rows = [PendingUpdate(app_id, u.email, u.uid, u.status, u.at) for u in updates]
         d = ensureDeferred(self.store.queue_pending(rows))

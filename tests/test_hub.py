@@ -1,12 +1,15 @@
-"""The node core: several devices per person, grace periods, per-application scopes, start and stop."""
+"""The node core: several devices per person, grace periods, per-application scopes, start and stop,
+and devices moving between nodes (two hubs on one real store)."""
 
 from __future__ import annotations
 
+import pytest
 import pytest_twisted
 from twisted.internet.task import Clock
 
 from presence import errors
 from presence.apps import Applications
+from presence.errors import PresenceError
 from presence.hub import Hub
 from presence.streams import Streams
 from tests.fakes import ListPeer, eventually
@@ -15,22 +18,26 @@ GRACE = 10.0
 
 
 class World:
-    """A hub on a real SQLite store, a Clock for its timers, and application connections as lists."""
+    """Hubs on one real SQLite store, a Clock for their timers, application connections as lists."""
 
     def __init__(self, store):
         self.store = store
         self.clock = Clock()
         self.clock.advance(1_000_000)
-        self.streams = Streams(store, self.clock, batch_window=0.05)
+        self.streams = Streams(store, self.clock, node="node-a", batch_window=0.05)
         self.hub = Hub(store, self.streams, self.clock, "node-a", grace=GRACE)
         self.apps = Applications(store, self.clock)
         self.uids: dict[tuple[str, str], str] = {}
 
-    async def app(self, name: str) -> tuple[str, ListPeer]:
+    def other_node(self, name: str = "node-b") -> Hub:
+        return Hub(self.store, Streams(self.store, self.clock, node=name), self.clock, name, grace=GRACE)
+
+    async def app(self, name: str, connect: bool = True) -> tuple[str, ListPeer]:
         app = await self.apps.register("dev@example.com", f"{name}.example.com", name, "")
         app = await self.apps.mark_verified(app)
         peer = ListPeer()
-        await self.streams.subscribe(app.app_id, peer)
+        if connect:
+            await self.streams.subscribe(app.app_id, peer)
         return app.app_id, peer
 
     async def grant(self, email: str, app_id: str) -> None:
@@ -48,7 +55,7 @@ async def test_only_granted_applications_hear_a_status(sqlite_store):
     granted, g_peer = await w.app("granted")
     other, o_peer = await w.app("other")
     await w.grant("alice@example.com", granted)
-    phone = w.hub.attach("alice@example.com", "phone", None, ListPeer())
+    phone = await w.hub.attach("alice@example.com", "phone", None, ListPeer())
     await w.hub.set_status(phone, "online")
     w.clock.advance(0.05)
     assert g_peer.sent == [[{"email": "alice@example.com", "status": "online",
@@ -62,8 +69,8 @@ async def test_the_most_available_device_wins(sqlite_store):
     w = World(sqlite_store)
     app, peer = await w.app("app")
     await w.grant("a@x.org", app)
-    phone = w.hub.attach("a@x.org", "phone", None, ListPeer())
-    laptop = w.hub.attach("a@x.org", "laptop", None, ListPeer())
+    phone = await w.hub.attach("a@x.org", "phone", None, ListPeer())
+    laptop = await w.hub.attach("a@x.org", "laptop", None, ListPeer())
     await w.hub.set_status(phone, "unavailable")
     assert w.received(peer) == [("a@x.org", "unavailable")]
     await w.hub.set_status(laptop, "online")
@@ -74,20 +81,33 @@ async def test_the_most_available_device_wins(sqlite_store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_change_for_an_absent_application_waits_in_the_store(sqlite_store):
+    w = World(sqlite_store)
+    app, _ = await w.app("away", connect=False)
+    await w.grant("a@x.org", app)
+    phone = await w.hub.attach("a@x.org", "phone", None, ListPeer())
+    await w.hub.set_status(phone, "online")
+    await w.hub.set_status(phone, "unavailable")
+    waiting = await sqlite_store.take_pending(app, 0)
+    assert [(p.email, p.status, p.uid) for p in waiting] == [("a@x.org", "unavailable", w.uids[("a@x.org", app)])]
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_dropped_device_goes_offline_after_the_grace_period(sqlite_store):
     w = World(sqlite_store)
     app, peer = await w.app("app")
     await w.grant("a@x.org", app)
     conn = ListPeer()
-    phone = w.hub.attach("a@x.org", "phone", None, conn)
+    phone = await w.hub.attach("a@x.org", "phone", None, conn)
     await w.hub.set_status(phone, "online")
     w.hub.detach(phone, conn)
     w.clock.advance(GRACE - 1)
     assert w.received(peer) == [("a@x.org", "online")]
     w.clock.advance(1)
     await eventually(lambda: w.received(peer) == [("a@x.org", "online"), ("a@x.org", "offline")])
-    await eventually(lambda: "a@x.org" not in w.hub.people)
+    await eventually(lambda: not w.hub.links)
     assert await sqlite_store.list_devices("a@x.org") == []
+    assert (await sqlite_store.get_status("a@x.org")).status == "offline"
 
 
 @pytest_twisted.ensureDeferred
@@ -95,22 +115,23 @@ async def test_a_quick_reconnect_causes_no_flap_and_replaces_the_old_connection(
     w = World(sqlite_store)
     app, peer = await w.app("app")
     await w.grant("a@x.org", app)
-    first, second = ListPeer(), ListPeer()
-    phone = w.hub.attach("a@x.org", "phone", None, first)
+    first, second, third = ListPeer(), ListPeer(), ListPeer()
+    phone = await w.hub.attach("a@x.org", "phone", None, first)
     await w.hub.set_status(phone, "online")
     w.hub.detach(phone, first)
     w.clock.advance(GRACE / 2)
-    again = w.hub.attach("a@x.org", "phone", None, second)
-    assert again is phone and phone.status == "online"
+    again = await w.hub.attach("a@x.org", "phone", None, second)
     w.clock.advance(GRACE * 3)
     assert w.received(peer) == [("a@x.org", "online")]
+    assert [d.status for d in await sqlite_store.list_devices("a@x.org")] == ["online"]
     # a third connection of the same device replaces the live second one
-    third = ListPeer()
-    w.hub.attach("a@x.org", "phone", None, third)
+    await w.hub.attach("a@x.org", "phone", None, third)
     assert second.closed[0] == errors.CLOSE_REPLACED
-    w.hub.detach(phone, second)   # the replaced connection's late drop changes nothing
+    w.hub.detach(again, second)   # the replaced connection's late drop changes nothing
     w.clock.advance(GRACE * 3)
-    assert phone.connection is third
+    assert w.received(peer) == [("a@x.org", "online")]
+    with pytest.raises(PresenceError):
+        await w.hub.set_status(again, "offline")   # the old session may no longer speak
 
 
 @pytest_twisted.ensureDeferred
@@ -120,7 +141,7 @@ async def test_a_session_scope_limits_which_applications_hear_it(sqlite_store):
     b, b_peer = await w.app("b")
     await w.grant("p@x.org", a)
     await w.grant("p@x.org", b)
-    only_a = w.hub.attach("p@x.org", "work", frozenset({a}), ListPeer())
+    only_a = await w.hub.attach("p@x.org", "work", frozenset({a}), ListPeer())
     await w.hub.set_status(only_a, "online")
     assert w.received(a_peer) == [("p@x.org", "online")]
     assert w.received(b_peer) == []
@@ -133,7 +154,7 @@ async def test_a_status_for_listed_applications_only(sqlite_store):
     b, b_peer = await w.app("b")
     await w.grant("p@x.org", a)
     await w.grant("p@x.org", b)
-    phone = w.hub.attach("p@x.org", "phone", None, ListPeer())
+    phone = await w.hub.attach("p@x.org", "phone", None, ListPeer())
     await w.hub.set_status(phone, "online")
     await w.hub.set_status(phone, "unavailable", frozenset({b}))
     assert w.received(a_peer) == [("p@x.org", "online")]
@@ -148,7 +169,7 @@ async def test_a_revoked_grant_stops_updates_at_once(sqlite_store):
     w = World(sqlite_store)
     app, peer = await w.app("app")
     await w.grant("p@x.org", app)
-    phone = w.hub.attach("p@x.org", "phone", None, ListPeer())
+    phone = await w.hub.attach("p@x.org", "phone", None, ListPeer())
     await w.hub.set_status(phone, "online")
     await w.apps.revoke("p@x.org", app)
     await w.hub.set_status(phone, "unavailable")
@@ -160,7 +181,7 @@ async def test_clean_stop_marks_everyone_offline_and_clears_the_node(sqlite_stor
     w = World(sqlite_store)
     app, peer = await w.app("app")
     await w.grant("p@x.org", app)
-    phone = w.hub.attach("p@x.org", "phone", None, ListPeer())
+    phone = await w.hub.attach("p@x.org", "phone", None, ListPeer())
     await w.hub.set_status(phone, "online")
     assert w.received(peer) == [("p@x.org", "online")]
     await w.hub.stop()
@@ -172,18 +193,36 @@ async def test_clean_stop_marks_everyone_offline_and_clears_the_node(sqlite_stor
 
 
 @pytest_twisted.ensureDeferred
-async def test_start_after_a_crash_marks_the_node_s_devices_offline(sqlite_store):
+async def test_clearing_a_node_touches_only_its_devices(sqlite_store):
     w = World(sqlite_store)
-    app, _ = await w.app("app")
+    app, peer = await w.app("app")
     await w.grant("p@x.org", app)
-    await sqlite_store.set_device("p@x.org", "phone", "node-a", "online", 1.0)
-    await sqlite_store.set_device("q@x.org", "phone", "node-b", "online", 1.0)
-    await sqlite_store.set_status("p@x.org", "online", 1.0)
-    # the application is away: the offline change waits for it
-    streams = Streams(sqlite_store, w.clock)
-    hub = Hub(sqlite_store, streams, w.clock, "node-a")
-    assert await hub.recover() == 1
-    await streams.flush()
-    waiting = await sqlite_store.take_pending(app, 0)
-    assert [(p.email, p.status) for p in waiting] == [("p@x.org", "offline")]
-    assert [d.node for d in await sqlite_store.list_devices("q@x.org")] == ["node-b"]
+    b = w.other_node()
+    on_b = await b.attach("p@x.org", "laptop", None, ListPeer())
+    on_a = await w.hub.attach("p@x.org", "phone", None, ListPeer())
+    await b.set_status(on_b, "unavailable")
+    await w.hub.set_status(on_a, "online")
+    # node-a crashed; at its next start it clears what it left
+    assert await w.other_node("node-a").clear_node("node-a") == 1
+    assert [(d.device, d.node) for d in await sqlite_store.list_devices("p@x.org")] == [("laptop", "node-b")]
+    assert (await sqlite_store.get_status("p@x.org")).status == "unavailable"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_device_taken_over_by_another_node_is_closed_here(sqlite_store):
+    w = World(sqlite_store)
+    app, peer = await w.app("app")
+    await w.grant("p@x.org", app)
+    here = ListPeer()
+    phone = await w.hub.attach("p@x.org", "phone", None, here)
+    await w.hub.set_status(phone, "online")
+    seen = await sqlite_store.last_change()
+    b = w.other_node()
+    await b.attach("p@x.org", "phone", None, ListPeer())
+    for change in await sqlite_store.changes_since(seen):
+        w.hub.apply(change)   # what node-a's change feed does
+    assert here.closed[0] == errors.CLOSE_REPLACED
+    assert not w.hub.links
+    devices = await sqlite_store.list_devices("p@x.org")
+    assert [(d.node, d.status) for d in devices] == [("node-b", "online")]   # no flap
+    assert w.received(peer) == [("p@x.org", "online")]

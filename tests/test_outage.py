@@ -15,6 +15,7 @@ from presence.node import Node
 from tests.conftest import _admin
 from tests.fakes import eventually
 from tests.test_node_e2e import AUDIENCE, Running, config, statuses
+from tests.wsclient import WSClient
 
 
 def database_up(url: str, up: bool) -> None:
@@ -62,11 +63,16 @@ async def test_a_database_that_goes_away_gets_a_clear_error_and_nothing_is_lost(
         phone.send({"type": "status", "status": "unavailable"})
         reply = await phone.receive()
         assert reply["result"] == "KO" and reply["errno"] == errors.UNAVAILABLE
-        # a new device cannot be refused for the store, it only proves an email: it connects
-        other = await running.device("bob@example.com", "laptop")
+        # a device connecting now is told to try again, and may on the same socket
+        other = await WSClient.connect(running.ws, "/presence")
+        connect = {"type": "connect", "assertion": idp.assertion("bob@example.com", AUDIENCE)}
+        other.send(connect)
+        assert (await other.receive())["errno"] == errors.UNAVAILABLE
         assert other.close_code is None and phone.close_code is None and stream.close_code is None
 
         database_up(postgres_url, True)
+        other.send(connect)
+        assert (await other.receive())["result"] is True
         await running.status(phone, "unavailable")
         assert statuses(await stream.receive()) == [("alice@example.com", "unavailable")]
         stored = await node.store.get_status("alice@example.com")

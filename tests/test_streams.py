@@ -7,12 +7,14 @@ import pytest_twisted
 from twisted.internet.task import Clock
 
 from presence import errors
-from presence.streams import Streams, Subscriber, Update
+from presence.store import PendingUpdate
+from presence.streams import Streams, Subscriber
+from presence.views import Update
 from tests.fakes import ListPeer
 
 
-def upd(email, status, at, uid=None):
-    return Update(email, uid or "u-" + email, status, at)
+def upd(email, status, at, uid=None, app="app"):
+    return Update(app, email, uid or "u-" + email, status, at)
 
 
 def as_json(*updates):
@@ -79,9 +81,8 @@ async def test_changes_in_one_window_go_out_as_one_list_latest_per_person(sqlite
     a, b = ListPeer(), ListPeer()
     await streams.subscribe("app", a)
     await streams.subscribe("app", b)
-    streams.publish("app", upd("p@x", "online", 1))
-    streams.publish("app", upd("q@x", "online", 1))
-    streams.publish("app", upd("p@x", "unavailable", 1.01))
+    streams.publish([upd("p@x", "online", 1), upd("q@x", "online", 1)])
+    streams.publish([upd("p@x", "unavailable", 1.01)])
     assert a.sent == []
     clock.advance(0.05)
     expected = [as_json(upd("p@x", "unavailable", 1.01), upd("q@x", "online", 1))]
@@ -89,19 +90,20 @@ async def test_changes_in_one_window_go_out_as_one_list_latest_per_person(sqlite
 
 
 @pytest_twisted.ensureDeferred
-async def test_changes_for_an_absent_application_wait_and_come_first_on_connect(sqlite_store):
+async def test_a_connection_registers_its_application_and_gets_what_waited_first(sqlite_store):
     clock = Clock()
     clock.advance(1000)
-    streams = Streams(sqlite_store, clock, pending_ttl=3600)
-    streams.publish("app", upd("p@x", "online", 990))
-    streams.publish("app", upd("p@x", "offline", 995))
-    streams.publish("app", upd("q@x", "unavailable", 996))
-    await streams.flush()
-    assert await sqlite_store.count_pending("app") == 2
+    streams = Streams(sqlite_store, clock, node="n1", pending_ttl=3600)
+    await sqlite_store.queue_pending([PendingUpdate("app", "p@x", "u-p@x", "offline", 995),
+                                      PendingUpdate("app", "q@x", "u-q@x", "unavailable", 996)])
     peer = ListPeer()
-    await streams.subscribe("app", peer)
+    sub = await streams.subscribe("app", peer)
+    assert await sqlite_store.subscribed(["app", "other"]) == {"app"}
     assert peer.sent == [as_json(upd("p@x", "offline", 995), upd("q@x", "unavailable", 996))]
     assert await sqlite_store.count_pending("app") == 0
+    streams.unsubscribe(sub)
+    await streams.flush()
+    assert await sqlite_store.subscribed(["app"]) == set()
 
 
 @pytest_twisted.ensureDeferred
@@ -109,12 +111,20 @@ async def test_waiting_changes_older_than_the_ttl_are_not_delivered(sqlite_store
     clock = Clock()
     clock.advance(10_000)
     streams = Streams(sqlite_store, clock, pending_ttl=3600)
-    streams.publish("app", upd("old@x", "online", 10_000 - 3601))
-    streams.publish("app", upd("new@x", "online", 10_000 - 10))
-    await streams.flush()
+    await sqlite_store.queue_pending([PendingUpdate("app", "old@x", "u-old@x", "online", 10_000 - 3601),
+                                      PendingUpdate("app", "new@x", "u-new@x", "online", 10_000 - 10)])
     peer = ListPeer()
     await streams.subscribe("app", peer)
     assert peer.sent == [as_json(upd("new@x", "online", 10_000 - 10))]
+
+
+@pytest_twisted.ensureDeferred
+async def test_changes_for_an_application_held_nowhere_here_are_not_queued_twice(sqlite_store):
+    """The store queued them when it made the change; a node that never held the app does nothing."""
+    streams = Streams(sqlite_store, Clock())
+    streams.publish([upd("p@x", "online", 1)])
+    await streams.flush()
+    assert await sqlite_store.count_pending("app") == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -123,10 +133,15 @@ async def test_a_batch_left_when_the_last_connection_goes_is_kept(sqlite_store):
     streams = Streams(sqlite_store, clock)
     peer = ListPeer()
     sub = await streams.subscribe("app", peer)
-    streams.publish("app", upd("p@x", "online", 1))
+    streams.publish([upd("p@x", "online", 1)])
     streams.unsubscribe(sub)
+    # the registry may have said this node held the app when the next change was made: keep it too
+    streams.publish([upd("q@x", "online", 2)])
+    # but not what the store already queued
+    streams.publish([upd("r@x", "online", 3)], queued=frozenset({"app"}))
     await streams.flush()
-    assert [(p.email, p.status) for p in await sqlite_store.take_pending("app", 0)] == [("p@x", "online")]
+    assert [(p.email, p.status) for p in await sqlite_store.take_pending("app", 0)] == [
+        ("p@x", "online"), ("q@x", "online")]
 
 
 @pytest_twisted.ensureDeferred
@@ -137,8 +152,7 @@ async def test_a_slow_reader_closed_for_overflow_loses_nothing(sqlite_store):
     await streams.subscribe("app", fast)
     slow_sub = await streams.subscribe("app", slow)
     slow_sub.pause()
-    streams.publish("app", upd("p@x", "online", 1))
-    streams.publish("app", upd("q@x", "online", 1))
+    streams.publish([upd("p@x", "online", 1), upd("q@x", "online", 1)])
     clock.advance(0.05)
     assert slow.closed[0] == errors.CLOSE_TOO_SLOW
     assert len(fast.sent[0]) == 2

@@ -1,8 +1,13 @@
 """Persistent state: one interface (base.Store), two backends (SQLite, PostgreSQL)."""
 
-from presence.store.base import App, Device, Grant, PendingUpdate, PersonStatus, Store, StoreUnavailable
+from presence.store.base import (
+    App, Device, Grant, LoggedChange, PendingUpdate, PersonChange, PersonStatus, Store, StoreUnavailable,
+)
 
-__all__ = ["App", "Device", "Grant", "PendingUpdate", "PersonStatus", "Store", "StoreUnavailable", "open_store"]
+__all__ = [
+    "App", "Device", "Grant", "LoggedChange", "PendingUpdate", "PersonChange", "PersonStatus", "Store",
+    "StoreUnavailable", "open_store",
+]
 
 
 def open_store(url: str, reactor=None) -> Store:

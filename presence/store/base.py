@@ -9,8 +9,11 @@ unknown application id given to a state change raises KeyError.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol
+
+if TYPE_CHECKING:
+    from presence.views import Update
 
 # Application states.
 PENDING = "pending"      # registered, domain not verified yet; no app_id yet
@@ -50,9 +53,30 @@ class Grant:
 class Device:
     email: str
     device: str
-    node: str
+    node: str                    # the node holding its connection (or that held it, in the grace period)
     status: str
     last_seen: float
+    session: str = ""            # the connection that owns the record; a newer one takes it over
+    scope: frozenset[str] | None = None    # applications this session speaks to; None: all granted
+    overrides: Mapping[str, str] = field(default_factory=dict)  # per-application status of a targeted change
+
+
+@dataclass(frozen=True)
+class PersonChange:
+    """What one change of a person's devices did."""
+
+    updates: list["Update"]      # the applications whose view of the person changed
+    queued: frozenset[str]       # of those, the applications no node holds: their update waits in pending
+    seq: int | None              # the change's number in the change log (None: no application saw a change)
+    devices: dict[str, Device]   # the person's devices afterwards
+
+
+@dataclass(frozen=True)
+class LoggedChange:
+    seq: int
+    origin: str                  # the node that made it
+    at: float
+    payload: str                 # JSON, see presence.bus
 
 
 @dataclass(frozen=True)
@@ -126,19 +150,56 @@ class Store(Protocol):
     async def list_grants(self, email: str | None = None, app_id: str | None = None) -> list[Grant]:
         """Filtered by either or both; ordered by (email, app_id)."""
 
+    # -- people: the one way their devices change ----------------------------------------------
+    async def change_person(self, email: str, mutate: Callable[[dict[str, Device]], None], node: str,
+                            now: float, extra: Mapping | None = None) -> PersonChange:
+        """In one transaction, with the person locked against other nodes: read their devices and
+        grants, let ``mutate`` change the dict of devices (device id -> Device: replace, add or delete
+        entries), write the result and the person's overall status, work out which applications'
+        views changed, queue those updates for the applications no node holds, and append the change
+        (with ``extra`` fields) to the change log, numbered in commit order."""
+
+    async def emails_on_node(self, node: str) -> list[str]:
+        """People with a device record on a node (to clean up after it)."""
+
+    # -- the node registry, subscriptions and the change log ---------------------------------------
+    async def register_node(self, node: str, now: float, last_applied: int) -> None:
+        """Upsert this node's row (at start, and again if a survivor reaped it by mistake)."""
+
+    async def heartbeat(self, node: str, now: float, last_applied: int) -> bool:
+        """False if the node's row is gone (another node decided it was dead)."""
+
+    async def forget_node(self, node: str) -> None:
+        """A clean stop: the node's row and subscriptions go."""
+
+    async def claim_dead_node(self, before: float) -> tuple[str, int] | None:
+        """Atomically take one node whose heartbeat is older than ``before`` out of the registry
+        (so only one survivor handles it); returns its name and the last change it had applied."""
+
+    async def subscribe(self, node: str, app_id: str) -> None:
+        """This node holds connections of the application (idempotent)."""
+
+    async def unsubscribe(self, node: str, app_id: str) -> None: ...
+
+    async def take_subscriptions(self, node: str) -> list[str]:
+        """Remove and return a (dead) node's subscriptions."""
+
+    async def subscribed(self, app_ids: list[str]) -> set[str]:
+        """Which of these applications some node holds."""
+
+    async def log_change(self, origin: str, now: float, payload: str) -> int:
+        """Append a change made outside change_person (a survivor's replay); returns its number."""
+
+    async def changes_since(self, seq: int, limit: int = 1000) -> list[LoggedChange]:
+        """Logged changes after ``seq``, in order."""
+
+    async def last_change(self) -> int: ...
+
+    async def trim_changes(self, before: float) -> int:
+        """Forget logged changes older than ``before``; returns how many."""
+
     # -- devices and statuses ----------------------------------------------------------------
-    async def set_device(self, email: str, device: str, node: str, status: str, now: float) -> None:
-        """Upsert; last_seen = now."""
-
-    async def remove_device(self, email: str, device: str) -> None: ...
-
     async def list_devices(self, email: str) -> list[Device]: ...
-
-    async def take_node_devices(self, node: str) -> list[Device]:
-        """Remove and return every device recorded for a node (at its start or clean stop)."""
-
-    async def set_status(self, email: str, status: str, now: float) -> None:
-        """The person's combined status, upserted, changed_at = now."""
 
     async def get_status(self, email: str) -> PersonStatus | None: ...
 

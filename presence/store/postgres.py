@@ -97,6 +97,9 @@ async def _drive(cursor, interaction: Interaction[T]) -> T:
 class PostgresStore(SQLStore):
     dialect = "postgres"
     migration_lock = f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})"
+    # The two-key form: its keys never collide with the one-key migration lock.
+    person_lock = "SELECT pg_advisory_xact_lock(1, hashtext(?))"
+    notify = "SELECT pg_notify('presence', ?)"
 
     def __init__(self, url: str, reactor=None, pool_size: int = 3, connect_timeout: float = 10.0):
         if reactor is None:

@@ -24,8 +24,13 @@ from dataclasses import dataclass
 from importlib.abc import Traversable
 from typing import Any, TypeVar
 
+import json
+
+from presence import changelog, views
 from presence.store import migrations
-from presence.store.base import ACTIVE, PENDING, VERIFIED, App, Device, Grant, PendingUpdate, PersonStatus
+from presence.store.base import (
+    ACTIVE, PENDING, VERIFIED, App, Device, Grant, LoggedChange, PendingUpdate, PersonChange, PersonStatus,
+)
 
 T = TypeVar("T")
 
@@ -45,7 +50,7 @@ APP_COLUMNS = (
     " created_at, verified_at, activated_at"
 )
 GRANT_COLUMNS = "email, app_id, uid, created_at"
-DEVICE_COLUMNS = "email, device, node, status, last_seen"
+DEVICE_COLUMNS = "email, device, node, status, last_seen, session, scope, overrides"
 PENDING_COLUMNS = "app_id, email, uid, status, at"
 
 # Rows per INSERT when queueing pending updates: well below SQLite's limit on bound parameters.
@@ -64,6 +69,22 @@ def _app(row: tuple) -> App:
 def _record(cls: type[T], row: tuple) -> T:
     """Grant, Device, PersonStatus and PendingUpdate all end with their time."""
     return cls(*row[:-1], float(row[-1]))
+
+
+def _device(row: tuple) -> Device:
+    email, device, node, status, last_seen, session, scope, overrides = row
+    return Device(email, device, node, status, float(last_seen), session,
+                  None if scope is None else frozenset(json.loads(scope)), json.loads(overrides))
+
+
+def _device_row(d: Device) -> tuple:
+    scope = None if d.scope is None else json.dumps(sorted(d.scope))
+    return (d.email, d.device, d.node, d.status, d.last_seen, d.session, scope,
+            json.dumps(dict(d.overrides), sort_keys=True))
+
+
+def _in(values: list) -> str:
+    return "(" + ", ".join("?" * len(values)) + ")"
 
 
 def _one_app(rows: list[tuple]) -> App | None:
@@ -87,6 +108,10 @@ class SQLStore:
     migration_lock: str | None = None
     #: Where the schema scripts are read from; tests point it at a directory of their own.
     schema_dir: Traversable | None = None
+    #: A statement locking one person (by email) until the transaction ends, across processes.
+    person_lock: str | None = None
+    #: A statement telling listening nodes a change was logged (its number as the argument).
+    notify: str | None = None
 
     # -- backend primitives ---------------------------------------------------------------
     async def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
@@ -229,60 +254,162 @@ class SQLStore:
         rows = await self._query(f"SELECT {GRANT_COLUMNS} FROM grants{where} ORDER BY email, app_id", args)
         return [_record(Grant, row) for row in rows]
 
-    # -- devices and statuses ----------------------------------------------------------------
-    async def set_device(self, email: str, device: str, node: str, status: str, now: float) -> None:
-        await self._execute(
-            f"INSERT INTO devices ({DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?) ON CONFLICT (email, device)"
-            " DO UPDATE SET node = excluded.node, status = excluded.status, last_seen = excluded.last_seen",
-            (email, device, node, status, now),
-        )
+    # -- people --------------------------------------------------------------------------------
+    async def change_person(self, email: str, mutate, node: str, now: float, extra=None) -> PersonChange:
+        def interaction():
+            if self.person_lock:
+                yield self.person_lock, (email,)
+            rows = yield f"SELECT {DEVICE_COLUMNS} FROM devices WHERE email = ?", (email,)
+            before = {d.device: d for d in map(_device, rows)}
+            rows = yield f"SELECT {GRANT_COLUMNS} FROM grants WHERE email = ?", (email,)
+            grants = [_record(Grant, row) for row in rows]
+            after = dict(before)
+            mutate(after)
+            for device_id in before.keys() - after.keys():
+                yield "DELETE FROM devices WHERE email = ? AND device = ?", (email, device_id)
+            for device_id, device in after.items():
+                if before.get(device_id) != device:
+                    yield (
+                        f"INSERT INTO devices ({DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                        " ON CONFLICT (email, device) DO UPDATE SET node = excluded.node, status = excluded.status,"
+                        " last_seen = excluded.last_seen, session = excluded.session, scope = excluded.scope,"
+                        " overrides = excluded.overrides",
+                        _device_row(device),
+                    )
+            status = views.overall(after.values())
+            if status != views.overall(before.values()):
+                yield (
+                    "INSERT INTO statuses (email, status, changed_at) VALUES (?, ?, ?) ON CONFLICT (email)"
+                    " DO UPDATE SET status = excluded.status, changed_at = excluded.changed_at",
+                    (email, status, now),
+                )
+            updates = views.changes(before.values(), after.values(), grants, now)
+            if not updates and not extra:
+                return PersonChange([], frozenset(), None, after)
+            queued: frozenset[str] = frozenset()
+            if updates:
+                app_ids = sorted({u.app_id for u in updates})
+                rows = yield f"SELECT DISTINCT app_id FROM subscriptions WHERE app_id IN {_in(app_ids)}", tuple(app_ids)
+                queued = frozenset(app_ids) - {row[0] for row in rows}
+                waiting = [u for u in updates if u.app_id in queued]
+                if waiting:
+                    yield from self._queue(
+                        [(u.app_id, u.email, u.uid, u.status, u.at) for u in waiting])
+            seq = yield from self._log(node, now, changelog.encode(updates, queued, extra))
+            return PersonChange(updates, queued, seq, after)
 
-    async def remove_device(self, email: str, device: str) -> None:
-        await self._execute("DELETE FROM devices WHERE email = ? AND device = ?", (email, device))
+        return await self._transaction(interaction())
+
+    def _log(self, origin: str, now: float, payload: str):
+        # The counter's row stays locked until commit, so numbers are taken in commit order: a node
+        # that has seen change N has seen every change before it.
+        rows = yield "UPDATE bus SET seq = seq + 1 WHERE id = 1 RETURNING seq", ()
+        seq = int(rows[0][0])
+        yield "INSERT INTO changes (seq, origin, at, payload) VALUES (?, ?, ?, ?)", (seq, origin, now, payload)
+        if self.notify:
+            yield self.notify, (str(seq),)
+        return seq
+
+    async def log_change(self, origin: str, now: float, payload: str) -> int:
+        return await self._transaction(self._log(origin, now, payload))
+
+    async def changes_since(self, seq: int, limit: int = 1000) -> list[LoggedChange]:
+        rows = await self._query(
+            "SELECT seq, origin, at, payload FROM changes WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))
+        return [LoggedChange(int(s), origin, float(at), payload) for s, origin, at, payload in rows]
+
+    async def last_change(self) -> int:
+        rows = await self._query("SELECT seq FROM bus WHERE id = 1")
+        return int(rows[0][0])
+
+    async def trim_changes(self, before: float) -> int:
+        return len(await self._query("DELETE FROM changes WHERE at < ? RETURNING 1", (before,)))
+
+    async def emails_on_node(self, node: str) -> list[str]:
+        rows = await self._query("SELECT DISTINCT email FROM devices WHERE node = ? ORDER BY email", (node,))
+        return [row[0] for row in rows]
 
     async def list_devices(self, email: str) -> list[Device]:
         rows = await self._query(f"SELECT {DEVICE_COLUMNS} FROM devices WHERE email = ? ORDER BY device", (email,))
-        return [_record(Device, row) for row in rows]
-
-    async def take_node_devices(self, node: str) -> list[Device]:
-        rows = await self._query(f"DELETE FROM devices WHERE node = ? RETURNING {DEVICE_COLUMNS}", (node,))
-        return sorted((_record(Device, row) for row in rows), key=lambda d: (d.email, d.device))
-
-    async def set_status(self, email: str, status: str, now: float) -> None:
-        await self._execute(
-            "INSERT INTO statuses (email, status, changed_at) VALUES (?, ?, ?) ON CONFLICT (email)"
-            " DO UPDATE SET status = excluded.status, changed_at = excluded.changed_at",
-            (email, status, now),
-        )
+        return [_device(row) for row in rows]
 
     async def get_status(self, email: str) -> PersonStatus | None:
         rows = await self._query("SELECT email, status, changed_at FROM statuses WHERE email = ?", (email,))
         return _record(PersonStatus, rows[0]) if rows else None
 
-    # -- waiting updates for applications without a connection -----------------------------
-    async def queue_pending(self, updates: list[PendingUpdate]) -> None:
-        # One row per (app_id, email), the newest, so no INSERT touches the same row twice.
-        latest: dict[tuple[str, str], PendingUpdate] = {}
-        for update in updates:
-            key = (update.app_id, update.email)
-            if key not in latest or update.at >= latest[key].at:
-                latest[key] = update
-        if not latest:
-            return
-        rows = [(u.app_id, u.email, u.uid, u.status, u.at) for u in latest.values()]
+    # -- nodes and subscriptions ----------------------------------------------------------------
+    async def register_node(self, node: str, now: float, last_applied: int) -> None:
+        await self._execute(
+            "INSERT INTO nodes (name, started_at, heartbeat_at, last_applied) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET heartbeat_at = excluded.heartbeat_at,"
+            " last_applied = excluded.last_applied",
+            (node, now, now, last_applied),
+        )
 
+    async def heartbeat(self, node: str, now: float, last_applied: int) -> bool:
+        rows = await self._query(
+            "UPDATE nodes SET heartbeat_at = ?, last_applied = ? WHERE name = ? RETURNING name",
+            (now, last_applied, node))
+        return bool(rows)
+
+    async def forget_node(self, node: str) -> None:
         def interaction():
-            for start in range(0, len(rows), PENDING_BATCH):
-                batch = rows[start:start + PENDING_BATCH]
-                values = ", ".join(["(?, ?, ?, ?, ?)"] * len(batch))
-                yield (
-                    f"INSERT INTO pending ({PENDING_COLUMNS}) VALUES {values} ON CONFLICT (app_id, email)"
-                    " DO UPDATE SET uid = excluded.uid, status = excluded.status, at = excluded.at"
-                    " WHERE excluded.at >= pending.at",
-                    tuple(value for row in batch for value in row),
-                )
+            yield "DELETE FROM subscriptions WHERE node = ?", (node,)
+            yield "DELETE FROM nodes WHERE name = ?", (node,)
 
         await self._transaction(interaction())
+
+    async def claim_dead_node(self, before: float) -> tuple[str, int] | None:
+        # One statement: of several survivors, exactly one gets the row.
+        rows = await self._query(
+            "DELETE FROM nodes WHERE name = (SELECT name FROM nodes WHERE heartbeat_at < ?"
+            " ORDER BY heartbeat_at LIMIT 1) AND heartbeat_at < ? RETURNING name, last_applied",
+            (before, before))
+        return (rows[0][0], int(rows[0][1])) if rows else None
+
+    async def subscribe(self, node: str, app_id: str) -> None:
+        await self._execute(
+            "INSERT INTO subscriptions (node, app_id) VALUES (?, ?) ON CONFLICT (node, app_id) DO NOTHING",
+            (node, app_id))
+
+    async def unsubscribe(self, node: str, app_id: str) -> None:
+        await self._execute("DELETE FROM subscriptions WHERE node = ? AND app_id = ?", (node, app_id))
+
+    async def take_subscriptions(self, node: str) -> list[str]:
+        rows = await self._query("DELETE FROM subscriptions WHERE node = ? RETURNING app_id", (node,))
+        return sorted(row[0] for row in rows)
+
+    async def subscribed(self, app_ids: list[str]) -> set[str]:
+        if not app_ids:
+            return set()
+        rows = await self._query(
+            f"SELECT DISTINCT app_id FROM subscriptions WHERE app_id IN {_in(app_ids)}", tuple(app_ids))
+        return {row[0] for row in rows}
+
+    # -- waiting updates for applications without a connection -----------------------------
+    async def queue_pending(self, updates: list[PendingUpdate]) -> None:
+        rows = [(u.app_id, u.email, u.uid, u.status, u.at) for u in updates]
+        if rows:
+            await self._transaction(self._queue(rows))
+
+    def _queue(self, rows: list[tuple]):
+        """Upsert pending rows, keeping the newest per (app_id, email): no INSERT may touch the same
+        row twice, so duplicates are folded first."""
+        latest: dict[tuple[str, str], tuple] = {}
+        for row in rows:
+            key = (row[0], row[1])
+            if key not in latest or row[4] >= latest[key][4]:
+                latest[key] = row
+        rows = list(latest.values())
+        for start in range(0, len(rows), PENDING_BATCH):
+            batch = rows[start:start + PENDING_BATCH]
+            values = ", ".join(["(?, ?, ?, ?, ?)"] * len(batch))
+            yield (
+                f"INSERT INTO pending ({PENDING_COLUMNS}) VALUES {values} ON CONFLICT (app_id, email)"
+                " DO UPDATE SET uid = excluded.uid, status = excluded.status, at = excluded.at"
+                " WHERE excluded.at >= pending.at",
+                tuple(value for row in batch for value in row),
+            )
 
     async def take_pending(self, app_id: str, not_before: float) -> list[PendingUpdate]:
         rows = await self._query(f"DELETE FROM pending WHERE app_id = ? RETURNING {PENDING_COLUMNS}", (app_id,))

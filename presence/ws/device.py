@@ -8,7 +8,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from presence import errors
 from presence.errors import PresenceError
-from presence.hub import Device, Hub
+from presence.hub import Hub, Link
 from presence.keys import new_id
 from presence.ratelimit import TokenBucket
 from presence.status import is_status
@@ -24,7 +24,7 @@ class DeviceSession(Session):
         self.hub = hub
         self.verifier = verifier
         self.bucket = TokenBucket(rate, burst, clock)
-        self.device: Device | None = None
+        self.device: Link | None = None
         self.session_id: str | None = None
 
     async def dispatch(self, message: dict) -> Any:
@@ -54,7 +54,11 @@ class DeviceSession(Session):
         self.authenticated()
         email = identity.email.lower()
         self.session_id = new_id()
-        self.device = self.hub.attach(email, device_id or "session:" + self.session_id, scope, self)
+        link = await self.hub.attach(email, device_id or "session:" + self.session_id, scope, self)
+        if self.closed:  # the connection went away (or was replaced) while we attached
+            self.hub.detach(link, self)
+            return None
+        self.device = link
         return {"result": True, "session_id": self.session_id}
 
     async def handle_status(self, message: dict) -> dict:

@@ -1,0 +1,137 @@
+"""Following the change log: how a node hears about changes made by the other nodes.
+
+Every change a node makes is numbered in the store's log (``Store.change_person``) and announced
+with PostgreSQL ``NOTIFY presence, '<number>'``. A follower LISTENs on a dedicated connection and, on
+each announcement, reads every change after the last one it applied, in order. Announcements are
+only a wake-up call: several arriving together cause one read (batching), a lost one is caught by a
+poll every ``poll_interval`` seconds, and after the listening connection drops the follower reconnects
+with backoff and replays what it missed from the log. Nothing is lost as long as the log keeps the
+changes (``--log-retention``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from presence.store import LoggedChange, Store, StoreUnavailable
+
+log = Logger()
+
+CHANNEL = "presence"
+
+
+class ChangeFeed:
+    def __init__(self, store: Store, clock: IReactorTime, apply: Callable[[LoggedChange], None],
+                 listen_url: str | None = None, poll_interval: float = 2.0, batch: int = 1000):
+        self.store = store
+        self.clock = clock
+        self.apply = apply
+        self.listen_url = listen_url
+        self.batch = batch
+        self.last = 0                      # the last change applied
+        self.connected = False             # the LISTEN connection is up
+        self.replays = 0                   # reconnects that replayed from the log
+        self._reading: Deferred | None = None
+        self._again = False
+        self._listener: Any = None
+        self._retry: IDelayedCall | None = None
+        self._delay = 0.5
+        self._stopped = False
+        self._poll = LoopingCall(self.wake)
+        self._poll.clock = clock
+        self._poll_interval = poll_interval
+
+    async def start(self) -> None:
+        """Start from the end of the log: a node that just started has no one to tell the past to."""
+        self.last = await self.store.last_change()
+        if self.listen_url:
+            await self._listen()
+        self._poll.start(self._poll_interval, now=False)
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._poll.running:
+            self._poll.stop()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        if self._listener is not None:
+            listener, self._listener = self._listener, None
+            try:
+                listener.close()
+            except Exception:
+                pass
+        self.connected = False
+
+    # -- reading the log --------------------------------------------------------------------------
+    def wake(self, *_: Any) -> Deferred | None:
+        """Read what is new; announcements arriving while a read runs cause one more read after it."""
+        if self._reading is not None:
+            self._again = True
+            return None
+        self._reading = ensureDeferred(self._read())
+        return self._reading
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                self._again = False
+                changes = await self.store.changes_since(self.last, self.batch)
+                for change in changes:
+                    try:
+                        self.apply(change)
+                    except Exception:
+                        log.failure("applying change {seq} failed", seq=change.seq)
+                    self.last = change.seq
+                if len(changes) < self.batch and not self._again:
+                    return
+        except StoreUnavailable as e:
+            log.warn("cannot read the change log ({why}); the next poll tries again", why=e)
+        finally:
+            self._reading = None
+
+    # -- the listening connection --------------------------------------------------------------------
+    async def _listen(self) -> None:
+        from presence.store.postgres import _Connection
+
+        connection = _Connection(self.clock)
+        connection.on_lost = lambda: self._lost(connection)
+        try:
+            await connection.connect(self.listen_url)
+            connection.addNotifyObserver(self.wake)
+            await connection.runOperation(f"LISTEN {CHANNEL}")
+        except Exception as e:
+            try:
+                connection.close()
+            except Exception:
+                pass
+            log.warn("cannot listen for changes ({why}); retrying in {delay:g}s", why=e, delay=self._delay)
+            self._schedule_reconnect()
+            return
+        self._listener = connection
+        self.connected = True
+        self._delay = 0.5
+        self.wake()  # replay whatever was logged while we were not listening
+
+    def _lost(self, connection: Any) -> None:
+        if connection is not self._listener or self._stopped:
+            return
+        self._listener = None
+        self.connected = False
+        log.warn("lost the change-log listener; reconnecting in {delay:g}s", delay=self._delay)
+        self._schedule_reconnect()
+
+    def _schedule_reconnect(self) -> None:
+        if self._stopped:
+            return
+        delay, self._delay = self._delay, min(self._delay * 2, 30.0)
+
+        def again() -> None:
+            self.replays += 1
+            ensureDeferred(self._listen())
+
+        self._retry = self.clock.callLater(delay, again)

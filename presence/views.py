@@ -1,0 +1,56 @@
+"""What each application sees of a person: pure functions over the person's device records.
+
+A person's status, as one application sees it, is the most available status among their devices
+whose session includes that application (a device's status for one application may be overridden
+by a change that named it). A change of a person's devices is published as the applications whose
+view it changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from presence.status import most_available
+from presence.store.base import Device, Grant
+
+
+@dataclass(slots=True)
+class Update:
+    """One person's new status as one application sees it."""
+
+    app_id: str
+    email: str
+    uid: str
+    status: str
+    at: float
+
+    def as_json(self) -> dict:
+        return {"email": self.email, "status": self.status, "uid": self.uid, "at": round(self.at, 3)}
+
+
+def visible_to(device: Device, app_id: str) -> bool:
+    return device.scope is None or app_id in device.scope
+
+
+def status_for(device: Device, app_id: str) -> str:
+    return device.overrides.get(app_id, device.status)
+
+
+def view(devices: Iterable[Device], app_id: str) -> str:
+    return most_available(status_for(d, app_id) for d in devices if visible_to(d, app_id))
+
+
+def overall(devices: Iterable[Device]) -> str:
+    """The person's own status (their page, the statuses table): every device, no overrides."""
+    return most_available(d.status for d in devices)
+
+
+def changes(before: Iterable[Device], after: Iterable[Device], grants: Iterable[Grant], at: float) -> list[Update]:
+    before, after = list(before), list(after)
+    updates = []
+    for grant in grants:
+        new = view(after, grant.app_id)
+        if new != view(before, grant.app_id):
+            updates.append(Update(grant.app_id, grant.email, grant.uid, new, at))
+    return updates
