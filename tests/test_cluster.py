@@ -1,0 +1,172 @@
+"""Several `twistd presence` processes on one real PostgreSQL: changes cross nodes once and in order,
+a person's devices on two nodes combine, the waiting queue is shared, revocation holds everywhere,
+a killed node's devices go offline, and a lost database connection loses nothing."""
+
+from __future__ import annotations
+
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred, gatherResults
+from twisted.internet.task import deferLater
+
+from presence.apps import Applications
+from presence.store import open_store
+from tests.cluster import AUDIENCE, NodeProcess
+from tests.conftest import _admin
+from tests.wsclient import WSClient
+
+
+async def sleep(seconds: float) -> None:
+    await deferLater(reactor, seconds, lambda: None)
+
+
+class Cluster:
+    def __init__(self, nodes: list[NodeProcess], store, idp):
+        self.nodes = {n.name: n for n in nodes}
+        self.store = store
+        self.apps = Applications(store, reactor)
+        self.idp = idp
+
+    async def app(self, *granted: str):
+        app = await self.apps.register("dev@example.com", f"app{len(await self.store.list_apps())}.example", "App", "")
+        app = await self.apps.mark_verified(app)
+        for email in granted:
+            await self.apps.grant(email, app.app_id)
+        app, key = await self.apps.activate(app)
+        return app, key
+
+    async def stream(self, node: str, app, key) -> WSClient:
+        client = await WSClient.connect(self.nodes[node].ws, "/" + app.app_id)
+        client.send({"key": key})
+        assert (await client.receive())["result"] == "OK"
+        await sleep(0.1)  # registered as a subscriber before changes are made
+        return client
+
+    async def device(self, node: str, email: str, device: str = "phone") -> WSClient:
+        client = await WSClient.connect(self.nodes[node].ws, "/presence")
+        client.send({"type": "connect", "assertion": self.idp.assertion(email, AUDIENCE), "device": device})
+        assert (await client.receive())["result"] is True
+        return client
+
+    async def status(self, client: WSClient, status: str) -> None:
+        client.send({"type": "status", "status": status})
+        assert await client.receive() == {"result": "OK"}
+
+
+@pytest_twisted.async_yield_fixture
+async def cluster(idp, postgres_url, tmp_path):
+    store = open_store(postgres_url)
+    await store.open()   # create the schema once, before three nodes race for it
+    nodes = [NodeProcess(name, postgres_url, idp, tmp_path) for name in ("a", "b", "c")]
+    await gatherResults([ensureDeferred(n.start()) for n in nodes])
+    try:
+        yield Cluster(nodes, store, idp)
+    finally:
+        await gatherResults([ensureDeferred(n.stop()) for n in nodes])
+        await store.close()
+
+
+def pairs(batch):
+    return [(u["email"], u["status"]) for u in batch]
+
+
+async def received(client: WSClient, count: int, timeout: float = 10.0) -> list[tuple[str, str]]:
+    """Exactly ``count`` updates (across however many lists), then nothing more."""
+    got: list[tuple[str, str]] = []
+    while len(got) < count:
+        got += pairs(await client.receive(timeout))
+    await client.nothing_more(0.5)
+    return got
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_change_reaches_every_granted_connection_on_every_node_once_and_in_order(cluster):
+    app, key = await cluster.app("alice@example.com")
+    other, other_key = await cluster.app()
+    on_b, on_c = await cluster.stream("b", app, key), await cluster.stream("c", app, key)
+    also_a = await cluster.stream("a", app, key)
+    ungranted = await cluster.stream("b", other, other_key)
+    phone = await cluster.device("a", "alice@example.com")
+    sequence = ["online", "unavailable", "offline", "online", "unavailable"]
+    for status in sequence:
+        await cluster.status(phone, status)
+        await sleep(0.15)  # longer than the batch window: each change is its own list
+    expected = [("alice@example.com", s) for s in sequence]
+    for stream in (on_b, on_c, also_a):
+        assert await received(stream, len(sequence)) == expected
+    await ungranted.nothing_more()
+
+
+@pytest_twisted.ensureDeferred
+async def test_devices_on_two_nodes_combine_into_the_most_available(cluster):
+    app, key = await cluster.app("alice@example.com")
+    stream = await cluster.stream("c", app, key)
+    phone = await cluster.device("a", "alice@example.com", "phone")
+    laptop = await cluster.device("b", "alice@example.com", "laptop")
+    await cluster.status(laptop, "unavailable")
+    assert await received(stream, 1) == [("alice@example.com", "unavailable")]
+    await cluster.status(phone, "online")
+    assert await received(stream, 1) == [("alice@example.com", "online")]
+    await cluster.status(phone, "offline")
+    assert await received(stream, 1) == [("alice@example.com", "unavailable")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_waiting_queue_is_shared_and_revocation_holds_on_every_node(cluster):
+    app, key = await cluster.app("alice@example.com", "bob@example.com")
+    first = await cluster.stream("b", app, key)
+    first.close()
+    await first.wait_closed()
+    await sleep(0.2)
+    alice, bob = await cluster.device("a", "alice@example.com"), await cluster.device("c", "bob@example.com")
+    await cluster.status(alice, "online")
+    await cluster.status(bob, "unavailable")
+    # the application comes back on another node and gets what waited
+    again = await cluster.stream("c", app, key)
+    assert sorted(await received(again, 2)) == [("alice@example.com", "online"), ("bob@example.com", "unavailable")]
+    # alice revokes (through any node's store): nothing more of her, anywhere
+    await cluster.apps.revoke("alice@example.com", app.app_id)
+    on_a = await cluster.stream("a", app, key)
+    await cluster.status(alice, "unavailable")
+    await cluster.status(bob, "online")
+    assert await received(again, 1) == [("bob@example.com", "online")]
+    assert await received(on_a, 1) == [("bob@example.com", "online")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_killed_node_s_devices_go_offline_and_applications_hear_it(cluster):
+    app, key = await cluster.app("alice@example.com", "bob@example.com")
+    stream = await cluster.stream("b", app, key)
+    alice = await cluster.device("a", "alice@example.com")
+    bob = await cluster.device("c", "bob@example.com")
+    await cluster.status(alice, "online")
+    await cluster.status(bob, "online")
+    assert sorted(await received(stream, 2)) == [("alice@example.com", "online"), ("bob@example.com", "online")]
+    cluster.nodes["a"].kill()
+    # after --node-timeout (3 s) a survivor marks a's devices offline: alice, not bob
+    assert await received(stream, 1, timeout=15) == [("alice@example.com", "offline")]
+    assert [d.node for d in await cluster.store.list_devices("bob@example.com")] == ["c"]
+    outputs = cluster.nodes["b"].output() + cluster.nodes["c"].output()
+    assert "node a stopped sending heartbeats" in outputs
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lost_database_connection_loses_no_change(cluster, postgres_url):
+    people = [f"p{i}@example.com" for i in range(20)]
+    app, key = await cluster.app(*people)
+    stream = await cluster.stream("b", app, key)
+    devices = [await cluster.device("a", email) for email in people]
+    for i, device in enumerate(devices):
+        await cluster.status(device, "online")
+        if i == 9:
+            # cut node b off from PostgreSQL (its listener and its pool) in the middle of the stream
+            conn = _admin()
+            with conn.cursor() as cur:
+                cur.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                            " WHERE application_name = 'presence-b'")
+                assert cur.fetchone()[0] >= 1
+            conn.close()
+        await sleep(0.05)
+    got = await received(stream, len(people), timeout=20)
+    assert sorted(got) == sorted((email, "online") for email in people)
+    assert "reconnecting" in cluster.nodes["b"].output()
