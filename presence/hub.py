@@ -25,6 +25,8 @@ from presence.views import visible_to
 
 log = Logger()
 
+PAGE_DEVICE = "web"
+
 
 class DeviceConnection(Protocol):
     def close(self, code: int, reason: str) -> None: ...
@@ -104,6 +106,22 @@ class Hub:
             raise errors.PresenceError(errors.NOT_CONNECTED, "this device connected again elsewhere",
                                        errors.CLOSE_REPLACED)
 
+    async def set_page_status(self, email: str, status: str) -> None:
+        """The person's own page: a device called "web" that needs no connection and keeps its status
+        until the person changes it there (no node owns it, so no node's stop clears it)."""
+        now = self.clock.seconds()
+
+        def put(devices: dict[str, Device]) -> None:
+            devices[PAGE_DEVICE] = Device(email, PAGE_DEVICE, "", status, now, "page")
+
+        await self._change(email, put)
+
+    async def close_application(self, app_id: str, code: int, reason: str) -> None:
+        """Close the application's streams on every node (deactivated, deleted)."""
+        self.streams.close_app(app_id, code, reason)
+        await self.store.log_change(self.node, self.clock.seconds(),
+                                    changelog.encode([], extra={"close_app": [app_id, code, reason]}))
+
     def detach(self, link: Link, connection: DeviceConnection) -> None:
         """The connection dropped: the device counts as it was for ``grace`` seconds, then goes offline."""
         if link.connection is not connection or self.links.get((link.email, link.device)) is not link:
@@ -154,6 +172,8 @@ class Hub:
             return  # delivered when it was made
         updates, queued, extra = changelog.decode(logged.payload)
         self.streams.publish(updates, queued)
+        if "close_app" in extra:
+            self.streams.close_app(*extra["close_app"])
         takeover = extra.get("takeover")
         if takeover:
             email, device_id, session = takeover

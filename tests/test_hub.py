@@ -226,3 +226,31 @@ async def test_a_device_taken_over_by_another_node_is_closed_here(sqlite_store):
     devices = await sqlite_store.list_devices("p@x.org")
     assert [(d.node, d.status) for d in devices] == [("node-b", "online")]   # no flap
     assert w.received(peer) == [("p@x.org", "online")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_person_s_page_counts_as_a_device_that_outlives_node_stops(sqlite_store):
+    w = World(sqlite_store)
+    app, peer = await w.app("app")
+    await w.grant("p@x.org", app)
+    await w.hub.set_page_status("p@x.org", "unavailable")
+    phone = await w.hub.attach("p@x.org", "phone", None, ListPeer())
+    assert w.received(peer) == [("p@x.org", "unavailable")]
+    await w.hub.set_status(phone, "online")
+    assert w.received(peer)[1:] == [("p@x.org", "online")]
+    await w.hub.stop()
+    await w.streams.flush()
+    assert w.received(peer)[2:] == [("p@x.org", "unavailable")]
+    assert [d.device for d in await sqlite_store.list_devices("p@x.org")] == ["web"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_closing_an_application_reaches_its_streams_on_other_nodes(sqlite_store):
+    w = World(sqlite_store)
+    app, peer = await w.app("app")
+    seen = await sqlite_store.last_change()
+    b = w.other_node()
+    await b.close_application(app, errors.CLOSE_REVOKED, "deactivated")
+    for change in await sqlite_store.changes_since(seen):
+        w.hub.apply(change)
+    assert peer.closed == (errors.CLOSE_REVOKED, "deactivated")
