@@ -17,7 +17,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.web.server import Site
 
-from presence import errors
+from presence import errors, systemd
 from presence.apps import Applications
 from presence.config import Config
 from presence.bus import ChangeFeed
@@ -95,7 +95,7 @@ class Node(Service):
 
     def _start_failed(self, failure) -> None:
         if not self._stopping:
-            log.failure("the node could not start", failure)
+            log.failure("the node could not start", failure, event="node.start_failed")
 
     async def start(self) -> None:
         delay = 1.0
@@ -107,14 +107,17 @@ class Node(Service):
                 if self._stopping:
                     return
                 log.error("cannot open the store ({why}); retrying in {delay:.0f}s. "
-                          "Check --database and that the database server runs.", why=e, delay=delay)
+                          "Check --database and that the database server runs.", why=e, delay=delay,
+                          event="store.unavailable")
+                systemd.status(f"waiting for the store ({e}); retrying in {delay:.0f}s")
                 await deferLater(self.reactor, delay, lambda: None)
                 delay = min(delay * 2, 30.0)
         await self.feed.start()
         await self.cluster.join()
         recovered = await self.hub.clear_node(self.config.node)
         if recovered:
-            log.info("marked {n} people offline whose devices were on this node when it last stopped", n=recovered)
+            log.info("marked {n} people offline whose devices were on this node when it last stopped", n=recovered,
+                     event="node.recovered")
         self._expiry.start(60, now=False)
         self._heartbeat.start(self.config.heartbeat, now=False)
         from presence.web.site import WebSite
@@ -124,15 +127,17 @@ class Node(Service):
         self.ws_port = await endpoints.serverFromString(self.reactor, self.config.ws).listen(self.ws_factory)
         self.ready = True
         log.info("presence node {node} ready: pages on {web}, websockets on {ws}", node=self.config.node,
-                 web=self.config.web, ws=self.config.ws)
+                 web=self.config.web, ws=self.config.ws, event="node.ready")
+        systemd.ready(f"serving: pages on {self.config.web}, websockets on {self.config.ws}")
 
     async def _expire_pending_async(self) -> None:
         try:
             n = await self.store.expire_pending(self.reactor.seconds() - self.config.pending_ttl)
             if n:
-                log.info("expired {n} waiting updates older than {ttl:g}s", n=n, ttl=self.config.pending_ttl)
+                log.info("expired {n} waiting updates older than {ttl:g}s", n=n, ttl=self.config.pending_ttl,
+                         event="pending.expired")
         except StoreUnavailable as e:
-            log.warn("could not expire waiting updates: {why}", why=e)
+            log.warn("could not expire waiting updates: {why}", why=e, event="pending.expire_failed")
 
     def _expire_pending(self) -> Deferred:
         return ensureDeferred(self._expire_pending_async())
@@ -146,6 +151,8 @@ class Node(Service):
         return ensureDeferred(self.stop())
 
     async def stop(self) -> None:
+        systemd.stopping()
+        log.info("presence node {node} stopping", node=self.config.node, event="node.stopping")
         self._stopping = True
         if self._started is not None and not self._started.called:
             self._started.cancel()
@@ -171,7 +178,7 @@ class Node(Service):
         try:
             await self.cluster.leave()
         except StoreUnavailable as e:
-            log.error("could not leave the node registry: {why}", why=e)
+            log.error("could not leave the node registry: {why}", why=e, event="cluster.leave_failed")
         self.feed.stop()
         await self.store.close()
-        log.info("presence node {node} stopped", node=self.config.node)
+        log.info("presence node {node} stopped", node=self.config.node, event="node.stopped")
