@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from presence.metrics import Metrics
 from presence.store import LoggedChange, Store, StoreUnavailable
 
 log = Logger()
@@ -27,7 +28,9 @@ CHANNEL = "presence"
 
 class ChangeFeed:
     def __init__(self, store: Store, clock: IReactorTime, apply: Callable[[LoggedChange], None],
-                 listen_url: str | None = None, poll_interval: float = 2.0, batch: int = 1000):
+                 listen_url: str | None = None, poll_interval: float = 2.0, batch: int = 1000,
+                 metrics: Metrics | None = None):
+        self.metrics = metrics or Metrics()
         self.store = store
         self.clock = clock
         self.apply = apply
@@ -132,6 +135,7 @@ class ChangeFeed:
 
         def again() -> None:
             self.replays += 1
+            self.metrics.bus_replays.inc()
             ensureDeferred(self._listen())
 
         self._retry = self.clock.callLater(delay, again)

@@ -11,6 +11,7 @@ class Config:
     # Listeners (twisted strports endpoint descriptions).
     web: str = "tcp:8080"
     ws: str = "tcp:8081"
+    metrics: str = ""          # off unless given
     # How this node is reached from outside; used for entry points and assertion audiences.
     public_url: str = "http://localhost:8080"
     public_ws_url: str = "ws://localhost:8081"
@@ -25,6 +26,7 @@ class Config:
 
     # Devices.
     grace: float = 10.0
+    drain_time: float = 0.0
     device_rate: float = 5.0
     device_burst: int = 10
 

@@ -1,8 +1,15 @@
-"""One Presence node as a Twisted service: the store, the core, and the two listeners.
+"""One Presence node as a Twisted service: the store, the core, and its listeners.
 
-Start: open the store (retrying with a clear message while it is down), mark devices left by an
-unclean stop offline, then listen. Stop: stop listening, mark this node's devices offline, deliver or
-queue what is pending, close websockets with a close frame, close the store.
+Start: open the metrics listener (if any: it says "not ready" meanwhile), open the store (retrying
+with a clear message while it is down), join the other nodes, mark devices left by an unclean stop
+offline, then listen for pages and websockets.
+
+Stop (SIGTERM): stop accepting; close device connections with 1001 ("reconnect elsewhere"), spread
+over --drain-time so a restart does not make every client reconnect in the same second; the devices
+then count as dropped (offline after --grace unless they reconnect, here or on another node); once
+their grace has run out, the applications connected here have heard it, and are closed too; what is
+pending is written, the node leaves the registry and closes the store. A stop takes at most about
+drain-time + grace + a few seconds.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from presence.config import Config
 from presence.bus import ChangeFeed
 from presence.cluster import Cluster
 from presence.hub import Hub
+from presence.metrics import Metrics
 from presence.store import StoreUnavailable, open_store
 from presence.streams import Streams
 from presence.ws.app import AppSession
@@ -50,12 +58,17 @@ class Node(Service):
             from twisted.internet import reactor
         self.config = config
         self.reactor = reactor
+        self.metrics = Metrics()
         self.store = store or open_store(config.database, reactor=reactor)
+        if hasattr(self.store, "instrument"):
+            self.store.instrument(self.metrics.observe_store)
         self.streams = Streams(self.store, reactor, config.node, config.batch_window, config.pending_ttl,
-                               config.slow_limit, config.slow_timeout)
+                               config.slow_limit, config.slow_timeout, metrics=self.metrics)
         self.hub = Hub(self.store, self.streams, reactor, config.node, config.grace)
-        shared = config.database.startswith(("postgresql:", "postgres:"))
-        self.feed = ChangeFeed(self.store, reactor, self.hub.apply, listen_url=config.database if shared else None)
+        self.shared = config.database.startswith(("postgresql:", "postgres:"))
+        self.feed = ChangeFeed(self.store, reactor, self._apply, listen_url=config.database if self.shared else None,
+                               metrics=self.metrics)
+        self.metrics.watch(self.metrics.bus_connected, lambda: 1 if self.feed.connected else 0)
         self.cluster = Cluster(self.store, self.hub, self.feed, reactor, config.node, config.node_timeout,
                                config.log_retention)
         self._heartbeat = LoopingCall(self._beat)
@@ -63,10 +76,11 @@ class Node(Service):
         self.apps = Applications(self.store, reactor, allow_ports=config.insecure_identity)
         self.verifier = verifier or make_verifier(config, reactor)
         self.ws_factory = PresenceServerFactory(
-            self.route, reactor, max_message=config.max_message,
+            self.route, reactor, self.metrics, max_message=config.max_message,
             handshake_timeout=config.handshake_timeout, ping_interval=config.ping_interval)
         self.web_port: Any = None
         self.ws_port: Any = None
+        self.metrics_port: Any = None
         self._expiry = LoopingCall(self._expire_pending)
         self._expiry.clock = reactor
         self._started: Deferred | None = None
@@ -78,11 +92,34 @@ class Node(Service):
         c = self.config
         if path == "/presence":
             return DeviceSession(peer, self.hub, self.verifier, self.reactor, c.auth_timeout,
-                                 c.device_rate, c.device_burst)
+                                 c.device_rate, c.device_burst, self.metrics)
         match = _APP_PATH.match(path)
         if match:
-            return AppSession(peer, match.group(1), self.apps, self.streams, self.reactor, c.auth_timeout)
+            return AppSession(peer, match.group(1), self.apps, self.streams, self.reactor, c.auth_timeout,
+                              self.metrics)
         raise not_found(path)
+
+    def _apply(self, change: Any) -> None:
+        """A change from the log (ours are skipped by the hub: they were delivered when made)."""
+        self.hub.apply(change)
+        if change.origin != self.config.node:
+            self.metrics.bus_changes.inc()
+            self.metrics.bus_lag.set(max(0.0, self.reactor.seconds() - change.at))
+
+    async def readiness(self) -> tuple[bool, dict[str, str]]:
+        """Can this node serve? (started, store answers, log listener connected with several nodes)"""
+        checks: dict[str, str] = {}
+        try:
+            ping = ensureDeferred(self.store.ping())
+            ping.addTimeout(2.0, self.reactor)
+            await ping
+            checks["store"] = "ok"
+        except Exception as e:
+            checks["store"] = f"unavailable: {e}"
+        if self.shared:
+            checks["bus"] = "ok" if self.feed.connected else "disconnected"
+        checks["node"] = "ok" if self.ready and not self._stopping else ("stopping" if self._stopping else "starting")
+        return all(v == "ok" for v in checks.values()), checks
 
     def entry_point(self, app_id: str) -> str:
         return self.config.public_ws_url.rstrip("/") + "/" + app_id
@@ -98,6 +135,11 @@ class Node(Service):
             log.failure("the node could not start", failure, event="node.start_failed")
 
     async def start(self) -> None:
+        from presence.web.health import Front
+
+        if self.config.metrics:
+            self.metrics_port = await endpoints.serverFromString(self.reactor, self.config.metrics).listen(
+                Site(Front(self, registry=self.metrics.registry)))
         delay = 1.0
         while True:
             try:
@@ -118,12 +160,12 @@ class Node(Service):
         if recovered:
             log.info("marked {n} people offline whose devices were on this node when it last stopped", n=recovered,
                      event="node.recovered")
-        self._expiry.start(60, now=False)
+        self._expiry.start(15, now=True)
         self._heartbeat.start(self.config.heartbeat, now=False)
         from presence.web.site import WebSite
 
         self.web_port = await endpoints.serverFromString(self.reactor, self.config.web).listen(
-            Site(WebSite(self).app.resource()))
+            Site(Front(self, pages=WebSite(self).app.resource())))
         self.ws_port = await endpoints.serverFromString(self.reactor, self.config.ws).listen(self.ws_factory)
         self.ready = True
         log.info("presence node {node} ready: pages on {web}, websockets on {ws}", node=self.config.node,
@@ -131,11 +173,16 @@ class Node(Service):
         systemd.ready(f"serving: pages on {self.config.web}, websockets on {self.config.ws}")
 
     async def _expire_pending_async(self) -> None:
+        now = self.reactor.seconds()
         try:
-            n = await self.store.expire_pending(self.reactor.seconds() - self.config.pending_ttl)
+            n = await self.store.expire_pending(now - self.config.pending_ttl)
             if n:
+                self.metrics.pending_expired.inc(n)
                 log.info("expired {n} waiting updates older than {ttl:g}s", n=n, ttl=self.config.pending_ttl,
                          event="pending.expired")
+            count, oldest = await self.store.pending_stats()
+            self.metrics.pending_items.set(count)
+            self.metrics.pending_oldest.set(0 if oldest is None else max(0.0, now - oldest))
         except StoreUnavailable as e:
             log.warn("could not expire waiting updates: {why}", why=e, event="pending.expire_failed")
 
@@ -162,19 +209,13 @@ class Node(Service):
         for loop in (self._expiry, self._heartbeat):
             if loop.running:
                 loop.stop()
+        if self.ready:
+            await self._drain()
+        if self.metrics_port is not None:
+            await self.metrics_port.stopListening()
         if not self.ready:
             self.feed.stop()
             return
-        await self.hub.stop()
-        await self.streams.flush()
-        self.ws_factory.close_all(errors.CLOSE_GOING_AWAY, "node stopping; reconnect")
-        for _ in range(50):  # wait up to ~5 s for close handshakes
-            if not self.ws_factory.open_connections:
-                break
-            await deferLater(self.reactor, 0.1, lambda: None)
-        for protocol in list(self.ws_factory.open_connections):
-            protocol.dropConnection(abort=True)
-        await self.streams.flush()
         try:
             await self.cluster.leave()
         except StoreUnavailable as e:
@@ -182,3 +223,29 @@ class Node(Service):
         self.feed.stop()
         await self.store.close()
         log.info("presence node {node} stopped", node=self.config.node, event="node.stopped")
+
+    async def _drain(self) -> None:
+        devices = [p for p in self.ws_factory.open_connections if p.session is not None and p.session.kind == "device"]
+        await self._close_spread(devices, self.config.drain_time)
+        # The devices are dropped now: offline once their grace runs out, unless they reconnect.
+        waited = 0.0
+        while any(link.grace is not None for link in self.hub.links.values()) and waited < self.config.grace + 2:
+            await deferLater(self.reactor, 0.1, lambda: None)
+            waited += 0.1
+        await self.hub.stop()          # whatever is left goes offline now
+        await self.streams.flush()     # the applications connected here hear it
+        await self._close_spread(list(self.ws_factory.open_connections), 0)
+        for protocol in list(self.ws_factory.open_connections):
+            protocol.dropConnection(abort=True)
+        await self.streams.flush()     # backlogs of closed connections go to the waiting queue
+
+    async def _close_spread(self, protocols: list, over: float) -> None:
+        """Close with 1001 ("reconnect elsewhere"), spread evenly over ``over`` seconds; wait for the
+        close handshakes (up to 5 s more)."""
+        for i, protocol in enumerate(protocols):
+            delay = over * i / len(protocols) if over > 0 else 0
+            self.reactor.callLater(delay, protocol.close, errors.CLOSE_GOING_AWAY, "node stopping; reconnect elsewhere")
+        waited = 0.0
+        while any(p in self.ws_factory.open_connections for p in protocols) and waited < over + 5:
+            await deferLater(self.reactor, 0.1, lambda: None)
+            waited += 0.1

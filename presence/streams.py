@@ -22,6 +22,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from presence import errors
+from presence.metrics import Metrics
 from presence.store import PendingUpdate, Store
 from presence.views import Update
 
@@ -154,7 +155,9 @@ class Streams:
         slow_limit: int = 10_000,
         slow_timeout: float = 30.0,
         retry_delay: float = 5.0,
+        metrics: Metrics | None = None,
     ):
+        self.metrics = metrics or Metrics()
         self.store = store
         self.clock = clock
         self.node = node
@@ -206,6 +209,12 @@ class Streams:
         payload = encode(updates)
         for subscriber in list(channel.subscribers):
             subscriber.push(payload, updates)
+        m = self.metrics
+        m.updates_delivered.inc(len(updates) * len(channel.subscribers))
+        m.batch_size.observe(len(updates))
+        now = self.clock.seconds()
+        for update in updates:
+            m.delivery_latency.observe(now - update.at)
 
     # -- connections --------------------------------------------------------------------------
     async def subscribe(self, app_id: str, sink: Sink) -> Subscriber:
@@ -244,6 +253,7 @@ class Streams:
             self._track(ensureDeferred(self.store.unsubscribe(self.node, app_id)), "unregister an application")
 
     def _overflowed(self, subscriber: Subscriber) -> None:
+        self.metrics.slow_closed.inc()
         self.unsubscribe(subscriber)
 
     def close_app(self, app_id: str, code: int, reason: str) -> None:

@@ -18,6 +18,7 @@ from presence.config import Config
 SETTINGS: list[tuple[str, str]] = [
     ("web", "strports endpoint for the web pages"),
     ("ws", "strports endpoint for the websockets (devices at /presence, applications at /<appid>)"),
+    ("metrics", "strports endpoint for /metrics, /healthz and /readyz (off when empty; keep it private)"),
     ("public_url", "how people reach the web pages; also the audience devices' assertions must name"),
     ("public_ws_url", "how the websocket listener is reached from outside; entry points are <this>/<appid>"),
     ("node", "this node's name (unique among nodes sharing a database)"),
@@ -25,6 +26,7 @@ SETTINGS: list[tuple[str, str]] = [
     ("insecure_identity", "accept identity issuers over plain http and on loopback/IP addresses (tests and local setups only)"),
     ("support_cache_ttl", "seconds to cache an identity issuer's /.well-known/browserid document"),
     ("grace", "seconds a dropped device keeps its status before it counts as offline"),
+    ("drain_time", "seconds over which a stopping node spreads closing its device connections"),
     ("device_rate", "status messages per second a device may send (sustained)"),
     ("device_burst", "status messages a device may send in a burst"),
     ("auth_timeout", "seconds a new websocket has to authenticate (connect or key)"),

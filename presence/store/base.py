@@ -215,3 +215,6 @@ class Store(Protocol):
         """Delete every waiting update older than ``before``; returns how many."""
 
     async def count_pending(self, app_id: str | None = None) -> int: ...
+
+    async def pending_stats(self) -> tuple[int, float | None]:
+        """How many updates wait, and the ``at`` of the oldest (None if none)."""

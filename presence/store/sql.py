@@ -127,6 +127,28 @@ class SQLStore:
         """Make sure the database can be reached (StoreUnavailable otherwise)."""
         raise NotImplementedError
 
+    def instrument(self, observe) -> None:
+        """Report every database call's duration and failure: ``observe(op, seconds, ok)`` with op
+        one of query, execute, transaction (the node's metrics). Wraps this instance's primitives."""
+        from time import perf_counter
+
+        from presence.store.base import StoreUnavailable
+
+        for op in ("query", "execute", "transaction"):
+            inner = getattr(self, "_" + op)
+
+            async def timed(*args, _inner=inner, _op=op):
+                start = perf_counter()
+                try:
+                    result = await _inner(*args)
+                except StoreUnavailable:
+                    observe(_op, perf_counter() - start, False)
+                    raise
+                observe(_op, perf_counter() - start, True)
+                return result
+
+            setattr(self, "_" + op, timed)
+
     # -- lifecycle --------------------------------------------------------------------------
     async def open(self) -> None:
         await self._connect()
@@ -418,6 +440,11 @@ class SQLStore:
 
     async def expire_pending(self, before: float) -> int:
         return len(await self._query("DELETE FROM pending WHERE at < ? RETURNING 1", (before,)))
+
+    async def pending_stats(self) -> tuple[int, float | None]:
+        rows = await self._query("SELECT COUNT(*), MIN(at) FROM pending")
+        count, oldest = rows[0]
+        return int(count), _time(oldest)
 
     async def count_pending(self, app_id: str | None = None) -> int:
         where, args = _where([("app_id", app_id)])

@@ -9,14 +9,17 @@ from twisted.internet.interfaces import IReactorTime
 from presence import errors
 from presence.apps import Applications
 from presence.errors import PresenceError
+from presence.metrics import Metrics
 from presence.streams import Streams, Subscriber
 from presence.ws.session import Peer, Session
 
 
 class AppSession(Session):
+    kind = "application"
+
     def __init__(self, peer: Peer, app_id: str, apps: Applications, streams: Streams, clock: IReactorTime,
-                 auth_timeout: float):
-        super().__init__(peer, clock, auth_timeout)
+                 auth_timeout: float, metrics: Metrics):
+        super().__init__(peer, clock, auth_timeout, metrics)
         self.app_id = app_id
         self.apps = apps
         self.streams = streams
@@ -32,12 +35,14 @@ class AppSession(Session):
         self._authenticating = True
         try:
             app = await self.apps.authenticate(self.app_id, message.get("key"))
-        except PresenceError:
+        except PresenceError as e:
             self._authenticating = False
+            self.refused(e)
             raise
         if self.closed:
             return None
         self.authenticated()
+        self.metrics.handshakes["application"].inc()
         self.peer.send_json({"result": "OK", "app_id": app.app_id})
         subscriber = await self.streams.subscribe(self.app_id, self)
         if self.closed:

@@ -10,6 +10,7 @@ from presence import errors
 from presence.errors import PresenceError
 from presence.hub import Hub, Link
 from presence.keys import new_id
+from presence.metrics import Metrics
 from presence.ratelimit import TokenBucket
 from presence.status import is_status
 from presence.ws.session import Peer, Session, optional_ids
@@ -18,9 +19,11 @@ MAX_DEVICE_ID = 128
 
 
 class DeviceSession(Session):
+    kind = "device"
+
     def __init__(self, peer: Peer, hub: Hub, verifier: Any, clock: IReactorTime, auth_timeout: float,
-                 rate: float, burst: int):
-        super().__init__(peer, clock, auth_timeout)
+                 rate: float, burst: int, metrics: Metrics):
+        super().__init__(peer, clock, auth_timeout, metrics)
         self.hub = hub
         self.verifier = verifier
         self.bucket = TokenBucket(rate, burst, clock)
@@ -48,6 +51,7 @@ class DeviceSession(Session):
         try:
             identity = await self.verifier.verify(assertion)
         except PresenceError as e:
+            self.refused(e)
             raise PresenceError(e.errno, e.message, errors.CLOSE_AUTH_FAILED)
         if self.closed:
             return None
@@ -59,6 +63,7 @@ class DeviceSession(Session):
             self.hub.detach(link, self)
             return None
         self.device = link
+        self.metrics.handshakes["device"].inc()
         return {"result": True, "session_id": self.session_id}
 
     async def handle_status(self, message: dict) -> dict:
@@ -69,8 +74,14 @@ class DeviceSession(Session):
             raise PresenceError(errors.BAD_FIELD, "status must be online, unavailable or offline")
         app_ids = optional_ids(message)
         if not self.bucket.take():
+            self.metrics.status_refused.inc()
             raise PresenceError(errors.SLOW_DOWN, "too many status changes; slow down")
-        await self.hub.set_status(self.device, status, app_ids)
+        try:
+            await self.hub.set_status(self.device, status, app_ids)
+        except Exception:
+            self.metrics.status_refused.inc()
+            raise
+        self.metrics.status_received.inc()
         return {"result": "OK"}
 
     # -- as the hub's DeviceConnection ----------------------------------------------------------------

@@ -11,6 +11,7 @@ from autobahn.websocket.types import ConnectionDeny
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
+from presence.metrics import Metrics
 from presence.ws.session import Peer, Session
 
 
@@ -45,6 +46,7 @@ class PresenceServerProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         self.factory.open_connections.add(self)
+        self.factory.metrics.connections[self.session.kind].inc()
         self.transport.registerProducer(_Backpressure(self.session), True)
         self.session.opened()
 
@@ -55,7 +57,9 @@ class PresenceServerProtocol(WebSocketServerProtocol):
             self.session.received(payload.decode("utf-8"))  # Autobahn has validated the UTF-8
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self.factory.open_connections.discard(self)
+        if self in self.factory.open_connections:
+            self.factory.open_connections.discard(self)
+            self.factory.metrics.connections[self.session.kind].dec()
         if self.session is not None:
             session, self.session = self.session, None
             session.lost()
@@ -71,16 +75,18 @@ class PresenceServerProtocol(WebSocketServerProtocol):
     def close(self, code: int, reason: str) -> None:
         # sendCloseFrame, not sendClose: a server may send 1001/1003/1011, which sendClose refuses.
         if self.state == self.STATE_OPEN:
+            self.factory.metrics.closes[code].inc()
             self.sendCloseFrame(code, reason.encode("utf-8")[:120].decode("utf-8", "ignore").encode("utf-8"))
 
 
 class PresenceServerFactory(WebSocketServerFactory):
     protocol = PresenceServerProtocol
 
-    def __init__(self, route: Callable[[str, Peer], Session], reactor: Any, *, max_message: int,
-                 handshake_timeout: float, ping_interval: float):
+    def __init__(self, route: Callable[[str, Peer], Session], reactor: Any, metrics: Metrics, *,
+                 max_message: int, handshake_timeout: float, ping_interval: float):
         super().__init__(reactor=reactor)
         self.route = route
+        self.metrics = metrics
         self.open_connections: set[PresenceServerProtocol] = set()
         self.setProtocolOptions(
             maxFramePayloadSize=max_message,

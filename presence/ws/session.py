@@ -12,6 +12,7 @@ from twisted.logger import Logger
 
 from presence import errors
 from presence.errors import PresenceError
+from presence.metrics import Metrics
 from presence.store import StoreUnavailable
 
 log = Logger()
@@ -51,10 +52,12 @@ class Session:
     the store or the network; a client that piles up messages meanwhile is told to slow down."""
 
     max_waiting = 32
+    kind = ""   # "device" or "application", for metrics
 
-    def __init__(self, peer: Peer, clock: IReactorTime, auth_timeout: float):
+    def __init__(self, peer: Peer, clock: IReactorTime, auth_timeout: float, metrics: Metrics):
         self.peer = peer
         self.clock = clock
+        self.metrics = metrics
         self.auth_timeout = auth_timeout
         self.closed = False
         self._tail: Deferred = succeed(None)
@@ -121,7 +124,12 @@ class Session:
             if reply is not None and not self.closed:
                 self.peer.send_json(reply)
 
+    def refused(self, error: PresenceError) -> None:
+        """Count an authentication that failed (the protocol's failures, by errno)."""
+        self.metrics.handshake_failures[self.kind][error.errno].inc()
+
     def _too_late(self) -> None:
         self._deadline = None
+        self.metrics.handshake_failures[self.kind][errors.AUTH_TIMEOUT].inc()
         self.fail(PresenceError(errors.AUTH_TIMEOUT, f"not authenticated within {self.auth_timeout:g} seconds",
                                 errors.CLOSE_AUTH_TIMEOUT))

@@ -1,0 +1,95 @@
+"""Every metric of a node, in the Prometheus text format (prometheus_client).
+
+Each node has its own registry (tests run several nodes in one process). Metrics with labels are
+bound once, here: a hot path holds the bound child and only calls ``inc()`` or ``observe()``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
+KINDS = ("device", "application")
+
+
+class _PerValue:
+    """Children of a labelled metric, made on first use of a value (an errno, a close code): those
+    values are few, and the lookup is one dict access."""
+
+    def __init__(self, metric, *prefix: str):
+        self.metric = metric
+        self.prefix = prefix
+        self.children: dict = {}
+
+    def __getitem__(self, value):
+        child = self.children.get(value)
+        if child is None:
+            child = self.children[value] = self.metric.labels(*self.prefix, str(value))
+        return child
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = r = registry or CollectorRegistry()
+
+        connections = Gauge("presence_connections", "Open websocket connections, by kind", ["kind"], registry=r)
+        self.connections = {kind: connections.labels(kind) for kind in KINDS}
+        handshakes = Counter("presence_handshakes_total",
+                             "Connections that authenticated (device connect, application key)", ["kind"], registry=r)
+        self.handshakes = {kind: handshakes.labels(kind) for kind in KINDS}
+        failures = Counter("presence_handshake_failures_total",
+                           "Authentications refused, by kind and errno", ["kind", "errno"], registry=r)
+        self.handshake_failures = {kind: _PerValue(failures, kind) for kind in KINDS}
+        self.closes = _PerValue(Counter("presence_closes_total", "Connections the node closed, by close code",
+                                        ["code"], registry=r))
+
+        self.status_received = Counter("presence_status_changes_received_total",
+                                       "Status messages devices sent that were applied", registry=r)
+        self.status_refused = Counter("presence_status_changes_refused_total",
+                                      "Status messages refused (rate limit, bad value, store down)", registry=r)
+        self.updates_delivered = Counter("presence_updates_delivered_total",
+                                         "Updates written to application connections (one per update and connection)",
+                                         registry=r)
+        self.delivery_latency = Histogram("presence_delivery_latency_seconds",
+                                          "From a change to its list being written to the application connections",
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("presence_batch_size", "Updates per list sent to an application",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.slow_closed = Counter("presence_slow_connections_closed_total",
+                                   "Application connections closed for not reading (their changes went back to the queue)",
+                                   registry=r)
+
+        self.pending_items = Gauge("presence_pending_updates", "Updates waiting for applications that are away",
+                                   registry=r)
+        self.pending_oldest = Gauge("presence_pending_oldest_age_seconds", "Age of the oldest waiting update",
+                                    registry=r)
+        self.pending_expired = Counter("presence_pending_expired_total",
+                                       "Waiting updates dropped after --pending-ttl", registry=r)
+
+        store_seconds = Histogram("presence_store_seconds", "Duration of store calls, by kind",
+                                  ["op"], buckets=LATENCY_BUCKETS, registry=r)
+        store_errors = Counter("presence_store_errors_total", "Store calls that failed to reach the database, by kind",
+                               ["op"], registry=r)
+        ops = ("query", "execute", "transaction")
+        self._store_seconds = {op: store_seconds.labels(op) for op in ops}
+        self._store_errors = {op: store_errors.labels(op) for op in ops}
+
+        self.bus_changes = Counter("presence_bus_changes_total", "Changes of other nodes applied from the log",
+                                   registry=r)
+        self.bus_replays = Counter("presence_bus_replays_total",
+                                   "Reconnections of the log listener (each replays what it missed)", registry=r)
+        self.bus_lag = Gauge("presence_bus_lag_seconds",
+                             "Age of the last change applied from another node when it was applied", registry=r)
+        self.bus_connected = Gauge("presence_bus_connected", "1 while the log listener is connected", registry=r)
+
+    def observe_store(self, op: str, seconds: float, ok: bool) -> None:
+        self._store_seconds[op].observe(seconds)
+        if not ok:
+            self._store_errors[op].inc()
+
+    def watch(self, gauge: Gauge, read: Callable[[], float]) -> None:
+        """A gauge read at scrape time (counts the node already keeps)."""
+        gauge.set_function(read)
