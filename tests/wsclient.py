@@ -8,7 +8,7 @@ from typing import Any
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue
-from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.task import deferLater
 
 
@@ -33,12 +33,18 @@ class WSClient:
         self._open: Deferred = Deferred()
 
     @classmethod
-    async def connect(cls, port: int, path: str, host: str = "127.0.0.1") -> "WSClient":
+    async def connect(cls, port: int, path: str, host: str = "127.0.0.1", *, tls: Any = None,
+                      url_host: str | None = None) -> "WSClient":
+        """``tls``: client TLS options (``optionsForClientTLS``) for wss://; ``url_host``: the host
+        the URL names (the Host header), when it differs from the address connected to."""
         client = cls()
-        factory = WebSocketClientFactory(f"ws://{host}:{port}{path}", reactor=reactor)
+        endpoint = TCP4ClientEndpoint(reactor, host, port)
+        if tls is not None:
+            endpoint = wrapClientTLS(tls, endpoint)
+        factory = WebSocketClientFactory(f"{'wss' if tls else 'ws'}://{url_host or host}:{port}{path}", reactor=reactor)
         factory.protocol = _Protocol
         factory.client = client
-        await TCP4ClientEndpoint(reactor, host, port).connect(factory)
+        await endpoint.connect(factory)
         await _within(client._open, 5, "the websocket did not open")
         return client
 
