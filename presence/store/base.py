@@ -125,6 +125,36 @@ class Store(Protocol):
     async def list_apps(self, developer: str | None = None) -> list[App]:
         """Ordered by id."""
 
+@dataclass(frozen=True)
+class LoginLink:
+    """A one-time login link, as taken (once) from the store."""
+
+    email: str
+    next_path: str               # the local page to go to once signed in
+    created_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class WebSession:
+    email: str
+    created_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class Verification:
+    """Where the background polling of an application's domain stands."""
+
+    app: int                     # App.id
+    node: str                    # the node that polls
+    attempts: int
+    last_error: str
+    checked_at: float
+    next_at: float | None        # None: polling stopped (gave up)
+    poll_until: float
+
+
     async def mark_verified(self, id: int, app_id: str, now: float) -> App:
         """PENDING -> VERIFIED with the given app_id; an already verified app is returned unchanged."""
 
@@ -218,3 +248,39 @@ class Store(Protocol):
 
     async def pending_stats(self) -> tuple[int, float | None]:
         """How many updates wait, and the ``at`` of the oldest (None if none)."""
+
+    # -- the web pages: one-time login links, sessions, shared secrets, verification polling ------
+    async def add_login_token(self, token_hash: str, email: str, next_path: str, now: float,
+                              expires_at: float) -> None:
+        """Keep a one-time login link (by the hash of its token)."""
+
+    async def take_login_token(self, token_hash: str, now: float) -> LoginLink | None:
+        """Remove the link and return it; None if unknown, already used or expired (so a link works once,
+        on any node)."""
+
+    async def count_login_tokens(self, email: str, since: float) -> int:
+        """Links made for an address since ``since`` (used or not expired yet): a rate limit."""
+
+    async def add_session(self, id_hash: str, email: str, now: float, expires_at: float) -> None: ...
+
+    async def get_session(self, id_hash: str, now: float) -> WebSession | None:
+        """None if unknown, logged out or expired."""
+
+    async def delete_session(self, id_hash: str) -> None: ...
+
+    async def expire_web(self, now: float) -> int:
+        """Delete expired sessions and login links; returns how many."""
+
+    async def web_secret(self, name: str, candidate: str, now: float) -> str:
+        """The secret stored under ``name``; if there is none yet, store ``candidate`` and return it
+        (several nodes starting together all get the one that was stored first)."""
+
+    async def save_verification(self, verification: Verification) -> None:
+        """Upsert by application."""
+
+    async def get_verification(self, app: int) -> Verification | None: ...
+
+    async def list_verifications(self, node: str) -> list[Verification]:
+        """The polls a node runs (to resume them after a restart)."""
+
+    async def delete_verification(self, app: int) -> None: ...

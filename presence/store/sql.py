@@ -28,6 +28,7 @@ import json
 
 from presence import changelog, views
 from presence.store import migrations
+from presence.store.sql_web import WebQueries
 from presence.store.base import (
     ACTIVE, PENDING, VERIFIED, App, Device, Grant, LoggedChange, PendingUpdate, PersonChange, PersonStatus,
 )
@@ -99,7 +100,7 @@ def _where(filters: Iterable[tuple[str, Any]]) -> tuple[str, tuple]:
     return " WHERE " + " AND ".join(f"{column} = ?" for column, _ in used), tuple(v for _, v in used)
 
 
-class SQLStore:
+class SQLStore(WebQueries):
     """The Store interface on top of the backend primitives (see the module docstring)."""
 
     #: Names the directory of schema scripts (presence/store/schema/<dialect>/).
