@@ -88,12 +88,12 @@ class ChangeFeed:
                     try:
                         self.apply(change)
                     except Exception:
-                        log.failure("applying change {seq} failed", seq=change.seq)
+                        log.failure("applying change {seq} failed", seq=change.seq, event="bus.apply_failed")
                     self.last = change.seq
                 if len(changes) < self.batch and not self._again:
                     return
         except StoreUnavailable as e:
-            log.warn("cannot read the change log ({why}); the next poll tries again", why=e)
+            log.warn("cannot read the change log ({why}); the next poll tries again", why=e, event="bus.read_failed")
         finally:
             self._reading = None
 
@@ -112,7 +112,8 @@ class ChangeFeed:
                 connection.close()
             except Exception:
                 pass
-            log.warn("cannot listen for changes ({why}); retrying in {delay:g}s", why=e, delay=self._delay)
+            log.warn("cannot listen for changes ({why}); retrying in {delay:g}s", why=e, delay=self._delay,
+                     event="bus.listen_failed")
             self._schedule_reconnect()
             return
         self._listener = connection
@@ -125,7 +126,7 @@ class ChangeFeed:
             return
         self._listener = None
         self.connected = False
-        log.warn("lost the change-log listener; reconnecting in {delay:g}s", delay=self._delay)
+        log.warn("lost the change-log listener; reconnecting in {delay:g}s", delay=self._delay, event="bus.lost")
         self._schedule_reconnect()
 
     def _schedule_reconnect(self) -> None:

@@ -47,17 +47,18 @@ class Cluster:
             if not await self.store.heartbeat(self.node, now, self.feed.last):
                 log.error("another node took this node ({node}) for dead and marked its devices offline; "
                           "rejoining. Check the clocks and load of the nodes, or raise --node-timeout.",
-                          node=self.node)
+                          node=self.node, event="cluster.taken_for_dead")
                 await self.join()
                 self.hub.drop_all()
             while (dead := await self.store.claim_dead_node(now - self.node_timeout)) is not None:
                 await self.reap(*dead)
             await self.store.trim_changes(now - self.log_retention)
         except StoreUnavailable as e:
-            log.warn("heartbeat failed: {why}", why=e)
+            log.warn("heartbeat failed: {why}", why=e, event="cluster.heartbeat_failed")
 
     async def reap(self, node: str, last_applied: int) -> None:
-        log.warn("node {dead} stopped sending heartbeats; marking its devices offline", dead=node)
+        log.warn("node {dead} stopped sending heartbeats; marking its devices offline", dead=node,
+                 event="cluster.node_dead")
         people = await self.hub.clear_node(node)
         apps = set(await self.store.take_subscriptions(node))
         missed = await self._missed(apps, last_applied) if apps else {}
@@ -74,7 +75,7 @@ class Cluster:
         self.reaped.append(node)
         log.info("cleaned up after node {dead}: {people} people offline, {apps} applications taken over, "
                  "{missed} changes it may not have delivered handed on", dead=node, people=people,
-                 apps=len(apps), missed=len(missed))
+                 apps=len(apps), missed=len(missed), event="cluster.reaped")
 
     async def _missed(self, apps: set[str], since: int) -> dict[tuple[str, str], Update]:
         """The latest update per (application, person) logged after ``since`` for these applications."""

@@ -37,6 +37,13 @@ class Config:
     slow_limit: int = 10_000
     slow_timeout: float = 30.0
 
+    # Live notifications.
+    notify_queue: int = 100
+    notify_ttl: float = 300.0
+    notify_rate: float = 1000.0
+    notify_burst: int = 2000
+    notify_batch: int = 100
+
     # Several nodes on one database.
     heartbeat: float = 5.0
     node_timeout: float = 30.0

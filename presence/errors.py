@@ -21,6 +21,12 @@ UNKNOWN_APP = 31
 APP_NOT_VERIFIED = 32
 APP_NOT_ACTIVE = 33
 AUTH_TIMEOUT = 34
+NOTIFY_MALFORMED = 40    # the notification batch is not a list of objects
+UNKNOWN_UID = 41         # no grant behind this uid (never granted, or revoked)
+BAD_MESSAGE = 42         # message missing, not a string, empty or longer than 512 characters
+BAD_ACTION = 43          # action not an http(s) URL, or longer than 512 characters
+RATE_LIMITED = 44        # the application sends more notifications than the node allows
+BATCH_TOO_LARGE = 45     # more items than a batch may hold, or a body too large
 UNAVAILABLE = 50         # the store does not answer; try again later
 
 # websocket close codes

@@ -31,6 +31,8 @@ PAGE_DEVICE = "web"
 class DeviceConnection(Protocol):
     def close(self, code: int, reason: str) -> None: ...
 
+    def notify(self, notifications: list[dict]) -> None: ...
+
 
 @dataclass(eq=False)
 class Link:
@@ -58,6 +60,7 @@ class Hub:
         self.grace = grace
         self.retry_delay = retry_delay
         self.links: dict[tuple[str, str], Link] = {}
+        self.by_email: dict[str, dict[str, Link]] = {}   # the same links, found by person
         self._locks: dict[str, DeferredLock] = {}
 
     # -- devices ----------------------------------------------------------------------------------
@@ -72,6 +75,7 @@ class Hub:
             if old.connection is not None and old.connection is not connection:
                 old.connection.close(errors.CLOSE_REPLACED, "replaced by a newer connection of the same device")
         link = self.links[key] = Link(email, device_id, new_id(), connection)
+        self.by_email.setdefault(email, {})[device_id] = link
         now = self.clock.seconds()
 
         def take(devices: dict[str, Device]) -> None:
@@ -137,18 +141,32 @@ class Hub:
                 await self._change(link.email, lambda devices: _drop(devices, link))
             except StoreUnavailable as e:
                 log.warn("could not mark {email}'s device offline ({why}); retrying in {delay}s",
-                         email=link.email, why=e, delay=self.retry_delay)
+                         email=link.email, why=e, delay=self.retry_delay, event="device.offline_retry")
                 if self.links.get((link.email, link.device)) is link:
                     link.grace = self.clock.callLater(self.retry_delay, self._expire, link)
                 return
             self._forget(link)
 
-        ensureDeferred(remove()).addErrback(lambda f: log.failure("marking a device offline failed", f))
+        ensureDeferred(remove()).addErrback(lambda f: log.failure("marking a device offline failed", f,
+                                                                  event="device.offline_failed"))
 
     def _forget(self, link: Link) -> None:
         link.cancel_grace()
         if self.links.get((link.email, link.device)) is link:
             del self.links[(link.email, link.device)]
+            devices = self.by_email[link.email]
+            del devices[link.device]
+            if not devices:
+                del self.by_email[link.email]
+
+    def notify(self, email: str, notifications: list[dict]) -> int:
+        """Push live notifications to the person's devices connected here; returns how many got them."""
+        sent = 0
+        for link in self.by_email.get(email, {}).values():
+            if link.connection is not None:
+                link.connection.notify(notifications)
+                sent += 1
+        return sent
 
     # -- the one place a change happens ------------------------------------------------------------
     async def _change(self, email: str, mutate: Callable[[dict[str, Device]], None],
@@ -172,6 +190,8 @@ class Hub:
             return  # delivered when it was made
         updates, queued, extra = changelog.decode(logged.payload)
         self.streams.publish(updates, queued)
+        for email, notes in extra.get("notify", {}).items():
+            self.notify(email, notes)
         if "close_app" in extra:
             self.streams.close_app(*extra["close_app"])
         takeover = extra.get("takeover")
@@ -205,10 +225,12 @@ class Hub:
             link.cancel_grace()
             link.connection = None
         self.links.clear()
+        self.by_email.clear()
         try:
             await self.clear_node(self.node)
         except StoreUnavailable as e:
-            log.error("could not mark this node's devices offline while stopping: {why}", why=e)
+            log.error("could not mark this node's devices offline while stopping: {why}", why=e,
+                      event="hub.stop_failed")
 
 
 def _drop(devices: dict[str, Device], link: Link) -> None:

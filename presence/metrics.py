@@ -69,6 +69,18 @@ class Metrics:
         self.pending_expired = Counter("presence_pending_expired_total",
                                        "Waiting updates dropped after --pending-ttl", registry=r)
 
+        self.notifications_queued = Counter("presence_notifications_queued_total",
+                                            "Live notifications accepted into a queue", registry=r)
+        self.notifications_delivered = Counter("presence_notifications_delivered_total",
+                                               "Live notifications written to device connections (each connection)",
+                                               registry=r)
+        self.notifications_acked = Counter("presence_notifications_acknowledged_total",
+                                           "Live notifications acknowledged by a device", registry=r)
+        self.notifications_dropped = Counter("presence_notifications_dropped_total",
+                                             "Oldest notifications dropped from a full queue", registry=r)
+        self.notifications_expired = Counter("presence_notifications_expired_total",
+                                             "Notifications that expired unacknowledged", registry=r)
+
         store_seconds = Histogram("presence_store_seconds", "Duration of store calls, by kind",
                                   ["op"], buckets=LATENCY_BUCKETS, registry=r)
         store_errors = Counter("presence_store_errors_total", "Store calls that failed to reach the database, by kind",

@@ -31,6 +31,7 @@ from presence.bus import ChangeFeed
 from presence.cluster import Cluster
 from presence.hub import Hub
 from presence.metrics import Metrics
+from presence.notifications import Notifier
 from presence.store import StoreUnavailable, open_store
 from presence.streams import Streams
 from presence.ws.app import AppSession
@@ -74,6 +75,9 @@ class Node(Service):
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = reactor
         self.apps = Applications(self.store, reactor, allow_ports=config.insecure_identity)
+        self.notifier = Notifier(self.store, self.hub, reactor, config.node, limit=config.notify_queue,
+                                 ttl=config.notify_ttl, rate=config.notify_rate, burst=config.notify_burst,
+                                 max_batch=config.notify_batch, metrics=self.metrics)
         self.verifier = verifier or make_verifier(config, reactor)
         self.ws_factory = PresenceServerFactory(
             self.route, reactor, self.metrics, max_message=config.max_message,
@@ -92,11 +96,11 @@ class Node(Service):
         c = self.config
         if path == "/presence":
             return DeviceSession(peer, self.hub, self.verifier, self.reactor, c.auth_timeout,
-                                 c.device_rate, c.device_burst, self.metrics)
+                                 c.device_rate, c.device_burst, self.metrics, self.notifier)
         match = _APP_PATH.match(path)
         if match:
             return AppSession(peer, match.group(1), self.apps, self.streams, self.reactor, c.auth_timeout,
-                              self.metrics)
+                              self.metrics, self.notifier)
         raise not_found(path)
 
     def _apply(self, change: Any) -> None:
@@ -180,6 +184,7 @@ class Node(Service):
                 self.metrics.pending_expired.inc(n)
                 log.info("expired {n} waiting updates older than {ttl:g}s", n=n, ttl=self.config.pending_ttl,
                          event="pending.expired")
+            await self.notifier.expire()
             count, oldest = await self.store.pending_stats()
             self.metrics.pending_items.set(count)
             self.metrics.pending_oldest.set(0 if oldest is None else max(0.0, now - oldest))

@@ -130,7 +130,8 @@ class Subscriber:
         self._stall = None
         if self.closed:
             return
-        log.warn("closing slow application connection of {app_id}: {why}", app_id=self.app_id, why=why)
+        log.warn("closing slow application connection of {app_id}: {why}", app_id=self.app_id, why=why,
+                 event="app.too_slow")
         self.on_overflow(self)
         self.sink.close(errors.CLOSE_TOO_SLOW, f"too slow: {why}; changes kept for the next connection")
 
@@ -269,7 +270,7 @@ class Streams:
     def _track(self, d: Deferred, what: str) -> None:
         """A write the clean stop must wait for."""
         self._writes.add(d)
-        d.addErrback(lambda f: log.failure("could not " + what, f))
+        d.addErrback(lambda f: log.failure("could not {what}", f, what=what, event="store.write_failed"))
         d.addBoth(lambda _: self._writes.discard(d))
 
     def _keep(self, app_id: str, updates: list[Update]) -> None:
@@ -279,7 +280,7 @@ class Streams:
 
         def failed(failure):
             log.failure("could not store {n} waiting updates for {app_id}; retrying", failure,
-                        n=len(updates), app_id=app_id)
+                        n=len(updates), app_id=app_id, event="pending.store_failed")
             for u in updates:
                 key = (app_id, u.email)
                 if key not in self._unsaved or self._unsaved[key].at <= u.at:
@@ -310,4 +311,5 @@ class Streams:
         while self._writes:
             await DeferredList(list(self._writes), consumeErrors=True)
         if self._unsaved:
-            log.error("stopping with {n} waiting updates the store did not take", n=len(self._unsaved))
+            log.error("stopping with {n} waiting updates the store did not take", n=len(self._unsaved),
+                      event="pending.lost_at_stop")

@@ -170,3 +170,18 @@ async def test_a_lost_database_connection_loses_no_change(cluster, postgres_url)
     got = await received(stream, len(people), timeout=20)
     assert sorted(got) == sorted((email, "online") for email in people)
     assert "reconnecting" in cluster.nodes["b"].output()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_notification_posted_on_one_node_reaches_a_device_on_another(cluster):
+    import treq
+
+    app, key = await cluster.app("alice@example.com")
+    uid = (await cluster.store.get_grant("alice@example.com", app.app_id)).uid
+    phone = await cluster.device("b", "alice@example.com")
+    response = await treq.post(f"http://127.0.0.1:{cluster.nodes['a'].web}/{app.app_id}/notification",
+                               json=[{"uid": uid, "message": "from node a"}],
+                               headers={"authorization": [f"Bearer {key}"]})
+    assert response.code == 200 and (await response.json())[0]["result"] == "OK"
+    received = await phone.receive(timeout=10)
+    assert [n["message"] for n in received["notifications"]] == ["from node a"]

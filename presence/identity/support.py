@@ -268,7 +268,8 @@ class SupportDocuments:
         self._make_room(now)
         if isinstance(result, Failure):
             error = result.value
-            log.info("support document of {domain} unavailable: {error}", domain=domain, error=error)
+            log.info("support document of {domain} unavailable: {error}", domain=domain, error=error,
+                     event="identity.support_unavailable")
             self._cache[domain] = _Entry(now + self.failure_ttl, error=error)
         else:
             self._cache[domain] = _Entry(now + self.ttl, document=result)

@@ -1,11 +1,12 @@
 """Persistent state: one interface (base.Store), two backends (SQLite, PostgreSQL)."""
 
 from presence.store.base import (
-    App, Device, Grant, LoggedChange, PendingUpdate, PersonChange, PersonStatus, Store, StoreUnavailable,
+    App, Device, Grant, LoggedChange, Notification, PendingUpdate, PersonChange, PersonStatus, Queued, Store,
+    StoreUnavailable,
 )
 
 __all__ = [
-    "App", "Device", "Grant", "LoggedChange", "PendingUpdate", "PersonChange", "PersonStatus", "Store",
+    "App", "Device", "Grant", "LoggedChange", "Notification", "PendingUpdate", "Queued", "PersonChange", "PersonStatus", "Store",
     "StoreUnavailable", "open_store",
 ]
 

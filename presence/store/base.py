@@ -72,6 +72,34 @@ class PersonChange:
 
 
 @dataclass(frozen=True)
+class Notification:
+    """A live notification waiting in one person's queue for one application."""
+
+    id: int
+    email: str
+    app_id: str
+    app: str                     # the application's name and domain, as devices show them
+    domain: str
+    message: str
+    action: str | None
+    at: float
+
+    def as_json(self) -> dict:
+        return {"id": self.id, "appid": self.app_id, "app": self.app, "domain": self.domain,
+                "message": self.message, "action": self.action, "at": round(self.at, 3)}
+
+
+@dataclass(frozen=True)
+class Queued:
+    """What queueing one notification did: the item, its queue's size after it, and how many old
+    items were dropped to make room."""
+
+    notification: Notification
+    queue_size: int
+    dropped: int
+
+
+@dataclass(frozen=True)
 class LoggedChange:
     seq: int
     origin: str                  # the node that made it
@@ -96,34 +124,6 @@ class PendingUpdate:
     status: str
     at: float
 
-
-class Store(Protocol):
-    async def open(self) -> None:
-        """Connect and bring the schema to the latest version (running upgrades in order)."""
-
-    async def close(self) -> None: ...
-
-    async def ping(self) -> None:
-        """Raise StoreUnavailable unless the database answers a trivial query."""
-
-    async def schema_version(self) -> int: ...
-
-    # -- developers and applications ------------------------------------------------------
-    async def add_developer(self, email: str, now: float) -> None:
-        """Idempotent."""
-
-    async def create_app(
-        self, developer: str, domain: str, name: str, description: str, verification_key: str, now: float
-    ) -> App:
-        """A new PENDING application (adds the developer if needed)."""
-
-    async def get_app(self, app_id: str) -> App | None:
-        """By public app id."""
-
-    async def get_app_by_id(self, id: int) -> App | None: ...
-
-    async def list_apps(self, developer: str | None = None) -> list[App]:
-        """Ordered by id."""
 
 @dataclass(frozen=True)
 class LoginLink:
@@ -154,6 +154,34 @@ class Verification:
     next_at: float | None        # None: polling stopped (gave up)
     poll_until: float
 
+
+class Store(Protocol):
+    async def open(self) -> None:
+        """Connect and bring the schema to the latest version (running upgrades in order)."""
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the database answers a trivial query."""
+
+    async def schema_version(self) -> int: ...
+
+    # -- developers and applications ------------------------------------------------------
+    async def add_developer(self, email: str, now: float) -> None:
+        """Idempotent."""
+
+    async def create_app(
+        self, developer: str, domain: str, name: str, description: str, verification_key: str, now: float
+    ) -> App:
+        """A new PENDING application (adds the developer if needed)."""
+
+    async def get_app(self, app_id: str) -> App | None:
+        """By public app id."""
+
+    async def get_app_by_id(self, id: int) -> App | None: ...
+
+    async def list_apps(self, developer: str | None = None) -> list[App]:
+        """Ordered by id."""
 
     async def mark_verified(self, id: int, app_id: str, now: float) -> App:
         """PENDING -> VERIFIED with the given app_id; an already verified app is returned unchanged."""
@@ -232,6 +260,22 @@ class Verification:
     async def list_devices(self, email: str) -> list[Device]: ...
 
     async def get_status(self, email: str) -> PersonStatus | None: ...
+
+    # -- live notifications -------------------------------------------------------------------
+    async def queue_notifications(self, app_id: str, items: list[tuple[str, str, str | None]], now: float,
+                                  limit: int) -> list[Queued | None]:
+        """Queue (uid, message, action) items for the people behind the application's uids, in one
+        transaction; a queue longer than ``limit`` loses its oldest items. An item whose uid has no
+        grant (never granted, or revoked) gets None and stores nothing."""
+
+    async def pending_notifications(self, email: str, not_before: float) -> list[Notification]:
+        """Everything waiting for a person (every application), oldest first; older than
+        ``not_before`` is left out (and expires)."""
+
+    async def ack_notifications(self, email: str, ids: list[int]) -> int:
+        """Remove the person's items with these ids; returns how many there were."""
+
+    async def expire_notifications(self, before: float) -> int: ...
 
     # -- waiting updates for applications without a connection -----------------------------
     async def queue_pending(self, updates: list[PendingUpdate]) -> None:

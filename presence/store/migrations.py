@@ -135,5 +135,5 @@ async def migrate(store: SQLStore, directory: Traversable | None = None) -> list
         if step is None:
             return applied
         log.info("database schema: applied {name} (version {current} -> {target})",
-                 name=step.name, current=attempt["current"], target=step.target)
+                 name=step.name, current=attempt["current"], target=step.target, event="store.migrated")
         applied.append(step.name)

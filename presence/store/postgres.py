@@ -150,7 +150,8 @@ class PostgresStore(SQLStore):
         """Forget a pool that lost a connection: the next call builds a new one. When one connection
         is lost the others usually are too (the server restarted), and a new pool costs little."""
         if self._pool is pool:
-            log.warn("lost the connection to PostgreSQL at {where}; reconnecting on the next call", where=self.where)
+            log.warn("lost the connection to PostgreSQL at {where}; reconnecting on the next call", where=self.where,
+                     event="store.connection_lost")
             self._pool = None
             pool.close_quietly()
 

@@ -30,7 +30,8 @@ from presence import changelog, views
 from presence.store import migrations
 from presence.store.sql_web import WebQueries
 from presence.store.base import (
-    ACTIVE, PENDING, VERIFIED, App, Device, Grant, LoggedChange, PendingUpdate, PersonChange, PersonStatus,
+    ACTIVE, PENDING, VERIFIED, App, Device, Grant, LoggedChange, Notification, PendingUpdate, PersonChange,
+    PersonStatus, Queued,
 )
 
 T = TypeVar("T")
@@ -268,6 +269,7 @@ class SQLStore(WebQueries):
         def interaction():
             rows = yield "DELETE FROM grants WHERE email = ? AND app_id = ? RETURNING email", (email, app_id)
             yield "DELETE FROM pending WHERE email = ? AND app_id = ?", (email, app_id)
+            yield "DELETE FROM notifications WHERE email = ? AND app_id = ?", (email, app_id)
             return bool(rows)
 
         return await self._transaction(interaction())
@@ -408,6 +410,57 @@ class SQLStore(WebQueries):
         rows = await self._query(
             f"SELECT DISTINCT app_id FROM subscriptions WHERE app_id IN {_in(app_ids)}", tuple(app_ids))
         return {row[0] for row in rows}
+
+    # -- live notifications -------------------------------------------------------------------
+    async def queue_notifications(self, app_id: str, items, now: float, limit: int) -> list[Queued | None]:
+        def interaction():
+            rows = yield "SELECT name, domain FROM applications WHERE app_id = ?", (app_id,)
+            if not rows:
+                return [None] * len(items)
+            name, domain = rows[0]
+            uids = sorted({uid for uid, _, _ in items})
+            rows = yield f"SELECT uid, email FROM grants WHERE app_id = ? AND uid IN {_in(uids)}", (app_id, *uids)
+            emails = dict(rows)
+            results: list[Queued | None] = []
+            for uid, message, action in items:
+                email = emails.get(uid)
+                if email is None:
+                    results.append(None)
+                    continue
+                rows = yield (
+                    "INSERT INTO notifications (email, app_id, message, action, at) VALUES (?, ?, ?, ?, ?)"
+                    " RETURNING id", (email, app_id, message, action, now))
+                notification = Notification(int(rows[0][0]), email, app_id, name, domain, message, action, now)
+                rows = yield "SELECT COUNT(*) FROM notifications WHERE email = ? AND app_id = ?", (email, app_id)
+                size, dropped = int(rows[0][0]), 0
+                if size > limit:
+                    rows = yield (
+                        "DELETE FROM notifications WHERE id IN (SELECT id FROM notifications WHERE email = ?"
+                        " AND app_id = ? ORDER BY id LIMIT ?) RETURNING id", (email, app_id, size - limit))
+                    dropped = len(rows)
+                    size -= dropped
+                results.append(Queued(notification, size, dropped))
+            return results
+
+        return await self._transaction(interaction())
+
+    async def pending_notifications(self, email: str, not_before: float) -> list[Notification]:
+        rows = await self._query(
+            "SELECT n.id, n.email, n.app_id, a.name, a.domain, n.message, n.action, n.at FROM notifications n"
+            " JOIN applications a ON a.app_id = n.app_id WHERE n.email = ? AND n.at >= ? ORDER BY n.id",
+            (email, not_before))
+        return [Notification(int(i), e, a, name, domain, m, act, float(at))
+                for i, e, a, name, domain, m, act, at in rows]
+
+    async def ack_notifications(self, email: str, ids: list[int]) -> int:
+        if not ids:
+            return 0
+        rows = await self._query(
+            f"DELETE FROM notifications WHERE email = ? AND id IN {_in(ids)} RETURNING id", (email, *ids))
+        return len(rows)
+
+    async def expire_notifications(self, before: float) -> int:
+        return len(await self._query("DELETE FROM notifications WHERE at < ? RETURNING 1", (before,)))
 
     # -- waiting updates for applications without a connection -----------------------------
     async def queue_pending(self, updates: list[PendingUpdate]) -> None:

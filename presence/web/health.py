@@ -1,4 +1,5 @@
-"""/healthz, /readyz and /metrics: what load balancers and Prometheus ask a node.
+"""The front of a node's HTTP listeners: /healthz, /readyz and /metrics (what load balancers and
+Prometheus ask), ``POST /<appid>/notification`` (the applications' API), then the pages.
 
 ``/healthz``: the process serves (always 200). ``/readyz``: the node can serve: it has started, its
 store answers and, with several nodes, its change-log listener is connected (200, else 503). Both
@@ -55,6 +56,7 @@ class Front(Resource):
 
     def __init__(self, node: Any, pages: Resource | None = None, registry: Any = None):
         super().__init__()
+        self.node = node
         self.pages = pages
         self.putChild(b"healthz", Healthz())
         self.putChild(b"readyz", Readyz(node))
@@ -64,6 +66,10 @@ class Front(Resource):
     def getChild(self, path: bytes, request: Request) -> Resource:
         if self.pages is None:
             return NoResource()
+        if request.postpath == [b"notification"] and request.method == b"POST":
+            from presence.web.notify import NotificationEndpoint
+
+            return NotificationEndpoint(self.node, path.decode("utf-8", "replace"))
         # hand the path segment back: the pages route on the whole path
         request.postpath.insert(0, request.prepath.pop())
         return self.pages

@@ -11,15 +11,17 @@ from presence.apps import Applications
 from presence.errors import PresenceError
 from presence.metrics import Metrics
 from presence.streams import Streams, Subscriber
-from presence.ws.session import Peer, Session
+from presence.ws.session import Peer, Session, log
 
 
 class AppSession(Session):
     kind = "application"
 
     def __init__(self, peer: Peer, app_id: str, apps: Applications, streams: Streams, clock: IReactorTime,
-                 auth_timeout: float, metrics: Metrics):
+                 auth_timeout: float, metrics: Metrics, notifier: Any):
         super().__init__(peer, clock, auth_timeout, metrics)
+        self.notifier = notifier
+        self.app: Any = None
         self.app_id = app_id
         self.apps = apps
         self.streams = streams
@@ -29,7 +31,13 @@ class AppSession(Session):
     async def dispatch(self, message: dict) -> Any:
         if self.subscriber is None and not self._authenticating:
             return await self.handle_key(message)
-        raise PresenceError(errors.UNKNOWN_TYPE, "an application stream only receives; nothing to send")
+        if message.get("type") == "notify" and self.app is not None:
+            return await self.handle_notify(message)
+        raise PresenceError(errors.UNKNOWN_TYPE, 'unknown message type; an application may send {"type": "notify"}')
+
+    async def handle_notify(self, message: dict) -> dict:
+        results = await self.notifier.send(self.app, message.get("notifications"))
+        return {"type": "notified", "results": results}
 
     async def handle_key(self, message: dict) -> None:
         self._authenticating = True
@@ -42,7 +50,9 @@ class AppSession(Session):
         if self.closed:
             return None
         self.authenticated()
+        self.app = app
         self.metrics.handshakes["application"].inc()
+        log.info("application {app_id} connected", app_id=app.app_id, event="application.connected")
         self.peer.send_json({"result": "OK", "app_id": app.app_id})
         subscriber = await self.streams.subscribe(self.app_id, self)
         if self.closed:

@@ -13,7 +13,7 @@ from presence.keys import new_id
 from presence.metrics import Metrics
 from presence.ratelimit import TokenBucket
 from presence.status import is_status
-from presence.ws.session import Peer, Session, optional_ids
+from presence.ws.session import Peer, Session, log, optional_ids
 
 MAX_DEVICE_ID = 128
 
@@ -22,9 +22,10 @@ class DeviceSession(Session):
     kind = "device"
 
     def __init__(self, peer: Peer, hub: Hub, verifier: Any, clock: IReactorTime, auth_timeout: float,
-                 rate: float, burst: int, metrics: Metrics):
+                 rate: float, burst: int, metrics: Metrics, notifier: Any):
         super().__init__(peer, clock, auth_timeout, metrics)
         self.hub = hub
+        self.notifier = notifier
         self.verifier = verifier
         self.bucket = TokenBucket(rate, burst, clock)
         self.device: Link | None = None
@@ -36,7 +37,9 @@ class DeviceSession(Session):
             return await self.handle_connect(message)
         if kind == "status":
             return await self.handle_status(message)
-        raise PresenceError(errors.UNKNOWN_TYPE, f"unknown message type {kind!r}; expected connect or status")
+        if kind == "ack":
+            return await self.handle_ack(message)
+        raise PresenceError(errors.UNKNOWN_TYPE, f"unknown message type {kind!r}; expected connect, status or ack")
 
     async def handle_connect(self, message: dict) -> dict:
         if self.device is not None:
@@ -64,7 +67,12 @@ class DeviceSession(Session):
             return None
         self.device = link
         self.metrics.handshakes["device"].inc()
-        return {"result": True, "session_id": self.session_id}
+        log.debug("device {device} of {email} connected", device=link.device, email=email, event="device.connected")
+        self.peer.send_json({"result": True, "session_id": self.session_id})
+        waiting = await self.notifier.waiting(email)
+        if waiting and not self.closed:
+            self.notify([n.as_json() for n in waiting])
+        return None
 
     async def handle_status(self, message: dict) -> dict:
         if self.device is None:
@@ -84,7 +92,17 @@ class DeviceSession(Session):
         self.metrics.status_received.inc()
         return {"result": "OK"}
 
+    async def handle_ack(self, message: dict) -> dict:
+        if self.device is None:
+            raise PresenceError(errors.NOT_CONNECTED, "send connect with an assertion first")
+        acked = await self.notifier.ack(self.device.email, message.get("ids"))
+        return {"result": "OK", "acked": acked}
+
     # -- as the hub's DeviceConnection ----------------------------------------------------------------
+    def notify(self, notifications: list[dict]) -> None:
+        if not self.closed:
+            self.peer.send_json({"type": "notifications", "notifications": notifications})
+
     def close(self, code: int, reason: str) -> None:
         if not self.closed:
             self.closed = True

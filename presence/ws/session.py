@@ -115,10 +115,10 @@ class Session:
         except PresenceError as e:
             self.fail(e)
         except StoreUnavailable as e:
-            log.warn("store unavailable while handling a message: {why}", why=e)
+            log.warn("store unavailable while handling a message: {why}", why=e, event="session.store_unavailable")
             self.fail(PresenceError(errors.UNAVAILABLE, "the node cannot reach its store; try again shortly"))
         except Exception:
-            log.failure("unexpected error while handling a message")
+            log.failure("unexpected error while handling a message", event="session.error")
             self.fail(PresenceError(errors.UNAVAILABLE, "internal error; try again shortly"))
         else:
             if reply is not None and not self.closed:
@@ -127,9 +127,13 @@ class Session:
     def refused(self, error: PresenceError) -> None:
         """Count an authentication that failed (the protocol's failures, by errno)."""
         self.metrics.handshake_failures[self.kind][error.errno].inc()
+        log.info("{kind} authentication refused (errno {errno}): {message}", kind=self.kind, errno=error.errno,
+                 message=error.message, event=self.kind + ".refused")
 
     def _too_late(self) -> None:
         self._deadline = None
         self.metrics.handshake_failures[self.kind][errors.AUTH_TIMEOUT].inc()
+        log.info("{kind} did not authenticate within {timeout:g}s", kind=self.kind, timeout=self.auth_timeout,
+                 event=self.kind + ".auth_timeout")
         self.fail(PresenceError(errors.AUTH_TIMEOUT, f"not authenticated within {self.auth_timeout:g} seconds",
                                 errors.CLOSE_AUTH_TIMEOUT))
