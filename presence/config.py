@@ -54,6 +54,9 @@ class Config:
     handshake_timeout: float = 10.0
     ping_interval: float = 30.0
 
+    # Logs: also write every log event as a JSON line to this file ("-": standard output).
+    log_json: str = ""
+
     def accepted_audiences(self) -> list[str]:
         """Origins a device's assertion may be addressed to."""
         return [self.public_url, *self.audiences]

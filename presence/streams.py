@@ -131,7 +131,7 @@ class Subscriber:
         if self.closed:
             return
         log.warn("closing slow application connection of {app_id}: {why}", app_id=self.app_id, why=why,
-                 event="app.too_slow")
+                 event="application.too_slow")
         self.on_overflow(self)
         self.sink.close(errors.CLOSE_TOO_SLOW, f"too slow: {why}; changes kept for the next connection")
 

@@ -45,6 +45,7 @@ SETTINGS: list[tuple[str, str]] = [
     ("max_message", "largest websocket message accepted, in bytes"),
     ("handshake_timeout", "seconds a client has to finish the websocket opening handshake"),
     ("ping_interval", "seconds between websocket pings (0: none); a peer that does not answer is dropped"),
+    ("log_json", "also write the log as JSON lines (one event per line) to this file; '-' for standard output"),
 ]
 LISTS: list[tuple[str, str, str]] = [
     ("trusted_issuers", "trusted-issuer", "an identity issuer trusted for any email address (repeatable)"),
@@ -117,6 +118,10 @@ def config_from_env(env: Mapping[str, str] = os.environ) -> Config:
 
 def makeService(options: Options | Config, reactor: Any = None) -> IServiceCollection:
     config = options if isinstance(options, Config) else options.config()
+    if config.log_json:
+        from presence.logs import start_json_log
+
+        start_json_log(config.log_json)
     from presence.node import Node
 
     top = MultiService()
