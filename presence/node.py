@@ -82,6 +82,7 @@ class Node(Service):
         self.ws_factory = PresenceServerFactory(
             self.route, reactor, self.metrics, max_message=config.max_message,
             handshake_timeout=config.handshake_timeout, ping_interval=config.ping_interval)
+        self.streams.prepare = self.ws_factory.prepareMessage  # frame each list once per application
         self.web_port: Any = None
         self.ws_port: Any = None
         self.metrics_port: Any = None

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -34,7 +34,9 @@ def encode(updates: Iterable[Update]) -> bytes:
 
 
 class Sink(Protocol):
-    def send(self, payload: bytes) -> None: ...
+    def send(self, message: Any) -> None:
+        """``message``: the payload bytes, or what ``Streams.prepare`` made of them (a websocket
+        frame framed once for every connection of an application)."""
 
     def close(self, code: int, reason: str) -> None: ...
 
@@ -77,7 +79,7 @@ class Subscriber:
         self.backlog: dict[str, Update] = {}
         self._stall: IDelayedCall | None = None
 
-    def push(self, payload: bytes, updates: list[Update]) -> None:
+    def push(self, message: Any, updates: list[Update]) -> None:
         if self.closed:
             return
         if self.loading or self.paused:
@@ -85,7 +87,7 @@ class Subscriber:
             if len(self.backlog) > self.limit:
                 self._overflow("too many changes waiting for a slow reader")
         else:
-            self.sink.send(payload)
+            self.sink.send(message)
 
     def loaded(self, waiting: list[Update]) -> None:
         """The updates that waited while the application was away: they go out first, live ones after."""
@@ -159,6 +161,7 @@ class Streams:
         metrics: Metrics | None = None,
     ):
         self.metrics = metrics or Metrics()
+        self.prepare: Callable[[bytes], Any] = lambda payload: payload
         self.store = store
         self.clock = clock
         self.node = node
@@ -207,9 +210,9 @@ class Streams:
         updates, channel.batch = list(channel.batch.values()), {}
         if not updates:
             return
-        payload = encode(updates)
+        message = self.prepare(encode(updates))
         for subscriber in list(channel.subscribers):
-            subscriber.push(payload, updates)
+            subscriber.push(message, updates)
         m = self.metrics
         m.updates_delivered.inc(len(updates) * len(channel.subscribers))
         m.batch_size.observe(len(updates))

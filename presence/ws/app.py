@@ -53,7 +53,6 @@ class AppSession(Session):
         self.app = app
         self.metrics.handshakes["application"].inc()
         log.info("application {app_id} connected", app_id=app.app_id, event="application.connected")
-        log.info("application {app_id} connected", app_id=app.app_id, event="application.connected")
         self.peer.send_json({"result": "OK", "app_id": app.app_id})
         subscriber = await self.streams.subscribe(self.app_id, self)
         if self.closed:
@@ -63,9 +62,9 @@ class AppSession(Session):
         return None
 
     # -- as the fan-out's Sink and the transport's producer ---------------------------------------------
-    def send(self, payload: bytes) -> None:
+    def send(self, message: Any) -> None:
         if not self.closed:
-            self.peer.send(payload)
+            self.peer.send(message)
 
     def close(self, code: int, reason: str) -> None:
         if not self.closed:

@@ -68,9 +68,13 @@ class PresenceServerProtocol(WebSocketServerProtocol):
     def send_json(self, message: Any) -> None:
         self.send(json.dumps(message, separators=(",", ":")).encode("utf-8"))
 
-    def send(self, payload: bytes) -> None:
+    def send(self, message: Any) -> None:
+        """Payload bytes, or a message the factory prepared once for many connections."""
         if self.state == self.STATE_OPEN:
-            self.sendMessage(payload)
+            if isinstance(message, bytes):
+                self.sendMessage(message)
+            else:
+                self.sendPreparedMessage(message)
 
     def close(self, code: int, reason: str) -> None:
         # sendCloseFrame, not sendClose: a server may send 1001/1003/1011, which sendClose refuses.

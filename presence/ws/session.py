@@ -23,7 +23,7 @@ class Peer(Protocol):
 
     def send_json(self, message: Any) -> None: ...
 
-    def send(self, payload: bytes) -> None: ...
+    def send(self, message: Any) -> None: ...
 
     def close(self, code: int, reason: str) -> None: ...
 
@@ -129,14 +129,10 @@ class Session:
         self.metrics.handshake_failures[self.kind][error.errno].inc()
         log.info("{kind} authentication refused (errno {errno}): {message}", kind=self.kind, errno=error.errno,
                  message=error.message, event=self.kind + ".refused")
-        log.info("{kind} authentication refused (errno {errno}): {message}", kind=self.kind, errno=error.errno,
-                 message=error.message, event=self.kind + ".refused")
 
     def _too_late(self) -> None:
         self._deadline = None
         self.metrics.handshake_failures[self.kind][errors.AUTH_TIMEOUT].inc()
-        log.info("{kind} did not authenticate within {timeout:g}s", kind=self.kind, timeout=self.auth_timeout,
-                 event=self.kind + ".auth_timeout")
         log.info("{kind} did not authenticate within {timeout:g}s", kind=self.kind, timeout=self.auth_timeout,
                  event=self.kind + ".auth_timeout")
         self.fail(PresenceError(errors.AUTH_TIMEOUT, f"not authenticated within {self.auth_timeout:g} seconds",
