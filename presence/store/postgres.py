@@ -25,6 +25,13 @@ CONNECTION_ERRORS = (
     error.ConnectionClosed,
 )
 
+# The server gave up on one statement or transaction (a deadlock, a serialization failure, a statement
+# timeout or cancel) and rolled it back: the connection is fine, unlike the OperationalErrors above.
+REFUSED_TRANSACTIONS = (
+    psycopg2.extensions.TransactionRollbackError,
+    psycopg2.extensions.QueryCanceledError,
+)
+
 # Any constant: taken for the length of a migration transaction, so two nodes never migrate at once.
 MIGRATION_LOCK_KEY = 0x70726573  # "pres"
 
@@ -162,6 +169,11 @@ class PostgresStore(SQLStore):
             return await run(pool)
         except psycopg2.IntegrityError as e:
             raise ValueError(f"refused by the database: {_reason(e)}") from e
+        except REFUSED_TRANSACTIONS as e:
+            # Subclasses of OperationalError, but the connection is fine: keep the pool.
+            raise StoreUnavailable(
+                f"PostgreSQL at {self.where} refused the transaction: {_reason(e)}; nothing of it was applied"
+            ) from e
         except CONNECTION_ERRORS as e:
             self._discard(pool)
             raise StoreUnavailable(
