@@ -10,7 +10,7 @@ from importlib import resources
 import psycopg2
 import pytest
 import pytest_twisted
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, protocol, reactor, task, threads
 
 from presence import changelog, views
 from presence.store import App, Device, LoggedChange, PendingUpdate, StoreUnavailable, migrations, open_store
@@ -1197,6 +1197,35 @@ async def test_postgres_change_numbers_follow_commit_order(postgres_url):
     finally:
         for s in [*writers, reader]:
             await s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_postgres_deadlock_is_a_refused_transaction_not_a_lost_connection(postgres_url):
+    """Another node's transaction and ours wait for each other: the server aborts ours. That is no
+    reason to drop the pool (and its other transactions' connections), nor to blame the server."""
+    s = await reopen(postgres_url)
+    other = psycopg2.connect(postgres_url)  # another node, driven from a thread (it blocks)
+    run = lambda sql: threads.deferToThread(other.cursor().execute, sql)  # noqa: E731
+    try:
+        pool = s._pool
+        await run("SET deadlock_timeout = '10s'")  # so the server picks our transaction to abort
+        await run("INSERT INTO pending VALUES ('app1', 'b@x', 'ub', 'offline', 1)")
+        await run("SELECT pg_advisory_xact_lock(1, hashtext('q@x'))")  # the other node is changing q@x
+        waiting = timed(s.change_person("q@x", put(dev("q@x", "phone")), "node1", 2.0), 30)
+        ours = timed(s.queue_pending([pending("app1", "a@x", at=2.0), pending("app1", "b@x", at=2.0)]), 30)
+        await task.deferLater(reactor, 0.3, lambda: None)  # ours holds a@x and waits for b@x
+        theirs = run("INSERT INTO pending VALUES ('app1', 'a@x', 'ua', 'offline', 1)")
+        with pytest.raises(StoreUnavailable, match="refused the transaction: deadlock detected") as e:
+            await ours
+        assert "check that the server runs" not in str(e.value)
+        await theirs
+        await threads.deferToThread(other.commit)
+        assert (await waiting).devices["phone"].status == "online"  # went on once q@x was free
+        assert s._pool is pool  # the same connections
+        assert await pending_rows(s) == [("app1", "a@x", "ua", "offline", 1.0), ("app1", "b@x", "ub", "offline", 1.0)]
+    finally:
+        other.close()
+        await s.close()
 
 
 @pytest_twisted.ensureDeferred
