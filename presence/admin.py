@@ -9,6 +9,7 @@
     presence-admin grants list [--email EMAIL] [--app APPID]
     presence-admin grants add EMAIL APPID     (prints the per-application user id)
     presence-admin grants revoke EMAIL APPID
+    presence-admin check [--env] [--strict] [twistd presence options]   (validate a configuration)
 
 APP is the application's number (shown by ``apps list``) or its public app id.
 """
@@ -65,6 +66,15 @@ def parser() -> argparse.ArgumentParser:
         c = grants.add_parser(name, help=text)
         c.add_argument("email")
         c.add_argument("app")
+
+    c = top.add_parser(
+        "check", help="validate a node's configuration and store (takes every option of twistd presence)",
+        description="Validate the configuration twistd presence would run with (the same options; "
+                    "--database as for presence-admin) and its store, without binding or writing anything. "
+                    "One line per check: OK, WARNING or PROBLEM with its fix. Exit status 1 on a problem.")
+    c.add_argument("--env", action="store_true", help="read the PRESENCE_* variables, like presence.tac")
+    c.add_argument("--strict", action="store_true", help="exit with status 1 on warnings too")
+    c.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the database (default: 10)")
     return p
 
 
@@ -158,9 +168,17 @@ async def _dispatch(args: argparse.Namespace, store: Store, apps: Applications, 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra and args.area != "check":
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
 
     async def go(reactor: Any) -> None:
+        if args.area == "check":  # the twistd presence options after "check" are its own
+            from presence import check
+
+            raise SystemExit(await check.run(extra, args.database, reactor, env=args.env, strict=args.strict,
+                                             timeout=args.timeout))
         try:
             await run(args, reactor)
         except (AdminError, StoreUnavailable, ValueError) as e:
