@@ -68,7 +68,6 @@ class DeviceSession(Session):
         self.device = link
         self.metrics.handshakes["device"].inc()
         log.debug("device {device} of {email} connected", device=link.device, email=email, event="device.connected")
-        log.debug("device {device} of {email} connected", device=link.device, email=email, event="device.connected")
         self.peer.send_json({"result": True, "session_id": self.session_id})
         waiting = await self.notifier.waiting(email)
         if waiting and not self.closed:
