@@ -1,0 +1,11 @@
+"""The Presence benchmark harness: a real node (`twistd -n presence`) driven by lean load-generator
+processes, compared in the same run with a plain Autobahn broadcast server and a raw socket floor.
+
+    python -m bench run --connections 19000     (full run; --quick for a small one)
+
+Modules: __main__ (command line), scenarios (what is measured, in order), generator (a load
+generator process), wsclient (the lean websocket client), probe (the event-loop stall probe),
+node (issuer, store seeding, the node process), fleet (talking to the child processes),
+reference_autobahn and reference_floor (the references), report (tables and targets), profile
+(py-spy hot spots). docs/performance.md has the results and how to read them.
+"""
