@@ -57,6 +57,18 @@ class Config:
     # Logs: also write every log event as a JSON line to this file ("-": standard output).
     log_json: str = ""
 
+    # The web pages: sessions, Presence's own identity provider, domain verification.
+    session_secret_file: str = ""     # empty: a secret kept in the database, shared by every node
+    session_lifetime: float = 86400.0
+    identity_key_file: str = ""       # empty: a key made once and kept in the database
+    login_link_lifetime: float = 900.0
+    smtp_host: str = ""               # empty: one-time links are written to the node's log
+    smtp_port: int = 25
+    smtp_from: str = ""
+    verify_poll: float = 3600.0
+    verify_timeout: float = 10.0
+    verify_allow_private: bool = False
+
     def accepted_audiences(self) -> list[str]:
         """Origins a device's assertion may be addressed to."""
         return [self.public_url, *self.audiences]

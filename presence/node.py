@@ -43,12 +43,18 @@ log = Logger()
 _APP_PATH = re.compile(r"^/([A-Za-z0-9_-]{1,64})$")
 
 
-def make_verifier(config: Config, clock: Any, http_client: Any = None) -> Any:
+def make_verifier(config: Config, clock: Any, http_client: Any = None, issuer: Any = None) -> Any:
+    """The assertion verifier of devices and pages; ``issuer`` (Presence's own identity provider) is
+    known without a fetch and trusted for any address, since it proved each one with a one-time link."""
     import treq
 
     from presence.identity import Verifier
 
-    return Verifier.from_config(config, http_client or treq, clock)
+    local = {issuer.domain: issuer.public_key} if issuer is not None else None
+    verifier = Verifier.from_config(config, http_client or treq, clock, local_issuers=local)
+    if issuer is not None:
+        verifier.trusted_issuers = verifier.trusted_issuers | {issuer.domain}
+    return verifier
 
 
 class Node(Service):
@@ -79,6 +85,8 @@ class Node(Service):
                                  ttl=config.notify_ttl, rate=config.notify_rate, burst=config.notify_burst,
                                  max_batch=config.notify_batch, metrics=self.metrics)
         self.verifier = verifier or make_verifier(config, reactor)
+        self._own_verifier = verifier is None
+        self.web: Any = None
         self.ws_factory = PresenceServerFactory(
             self.route, reactor, self.metrics, max_message=config.max_message,
             handshake_timeout=config.handshake_timeout, ping_interval=config.ping_interval)
@@ -169,8 +177,12 @@ class Node(Service):
         self._heartbeat.start(self.config.heartbeat, now=False)
         from presence.web.site import WebSite
 
+        self.web = await WebSite.open(self)
+        if self._own_verifier:
+            self.verifier = make_verifier(self.config, self.reactor, issuer=self.web.issuer)
+        await self.web.start()
         self.web_port = await endpoints.serverFromString(self.reactor, self.config.web).listen(
-            Site(Front(self, pages=WebSite(self).app.resource())))
+            Site(Front(self, pages=self.web.resource())))
         self.ws_port = await endpoints.serverFromString(self.reactor, self.config.ws).listen(self.ws_factory)
         self.ready = True
         log.info("presence node {node} ready: pages on {web}, websockets on {ws}", node=self.config.node,
@@ -212,6 +224,8 @@ class Node(Service):
         for port in (self.web_port, self.ws_port):
             if port is not None:
                 await port.stopListening()
+        if self.web is not None:
+            self.web.stop()
         for loop in (self._expiry, self._heartbeat):
             if loop.running:
                 loop.stop()

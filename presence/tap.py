@@ -46,6 +46,16 @@ SETTINGS: list[tuple[str, str]] = [
     ("handshake_timeout", "seconds a client has to finish the websocket opening handshake"),
     ("ping_interval", "seconds between websocket pings (0: none); a peer that does not answer is dropped"),
     ("log_json", "also write the log as JSON lines (one event per line) to this file; '-' for standard output"),
+    ("session_secret_file", "file holding the secret that signs the pages' cookies (made if missing); empty: kept in the database, shared by all nodes"),
+    ("session_lifetime", "seconds a sign-in to the pages lasts"),
+    ("identity_key_file", "PEM private key of Presence's own identity provider (made if missing); empty: kept in the database"),
+    ("login_link_lifetime", "seconds a one-time sign-in link stays valid"),
+    ("smtp_host", "mail server that sends one-time sign-in links; empty: the links are written to the node's log"),
+    ("smtp_port", "port of --smtp-host"),
+    ("smtp_from", "sender address of sign-in mails (default: presence@<host of --public-url>)"),
+    ("verify_poll", "seconds to keep checking an application's domain in the background after a failed Verify"),
+    ("verify_timeout", "seconds one fetch of http://<domain>/__presence may take"),
+    ("verify_allow_private", "let domain verification fetch private, loopback and link-local addresses (tests and local setups only)"),
 ]
 LISTS: list[tuple[str, str, str]] = [
     ("trusted_issuers", "trusted-issuer", "an identity issuer trusted for any email address (repeatable)"),
