@@ -308,6 +308,7 @@ class VerificationPoller:
         self.max_delay = max_delay
         self.on_verified = on_verified
         self.timers: dict[int, IDelayedCall] = {}
+        self.inflight: set[Deferred] = set()
         self.stopped = False
 
     def delay(self, attempts: int) -> float:
@@ -346,8 +347,15 @@ class VerificationPoller:
 
     def _fire(self, app_id: int) -> None:
         self.timers.pop(app_id, None)
-        ensureDeferred(self._poll(app_id)).addErrback(
-            lambda f: log.failure("verification polling failed", f, event="verify.poll_failed"))
+        d = ensureDeferred(self._poll(app_id))
+        d.addErrback(lambda f: log.failure("verification polling failed", f, event="verify.poll_failed"))
+        self.inflight.add(d)
+        d.addBoth(lambda _: self.inflight.discard(d))
+
+    async def wait(self) -> None:
+        """Until the checks running now are done (a clean stop, and tests)."""
+        while self.inflight:
+            await next(iter(self.inflight))
 
     async def _poll(self, app_id: int) -> None:
         try:
