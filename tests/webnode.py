@@ -48,7 +48,7 @@ class RecordingMailer:
         return "log"
 
     def token(self, email: str | None = None) -> str:
-        links = [link for to, link in self.sent if email is None or to == email]
+        links = [link for to, link in self.sent if email is None or to == email.lower()]
         return urlsplit(links[-1]).fragment
 
 
