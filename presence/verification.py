@@ -331,9 +331,12 @@ class VerificationPoller:
         return len(polls)
 
     def stop(self) -> None:
+        """No more checks: cancel the timers and the checks under way (the node is stopping)."""
         self.stopped = True
         for app in list(self.timers):
             self._cancel(app)
+        for d in list(self.inflight):
+            d.cancel()
 
     def _cancel(self, app: int) -> None:
         timer = self.timers.pop(app, None)
@@ -348,7 +351,12 @@ class VerificationPoller:
     def _fire(self, app_id: int) -> None:
         self.timers.pop(app_id, None)
         d = ensureDeferred(self._poll(app_id))
-        d.addErrback(lambda f: log.failure("verification polling failed", f, event="verify.poll_failed"))
+
+        def failed(f: Failure) -> None:
+            if not f.check(defer.CancelledError):
+                log.failure("verification polling failed", f, event="verify.poll_failed")
+
+        d.addErrback(failed)
         self.inflight.add(d)
         d.addBoth(lambda _: self.inflight.discard(d))
 

@@ -19,7 +19,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -245,6 +244,10 @@ def revoke(page: Any, app_id: str) -> str:
     return page.text_content("main")
 
 
+def snapshot(page: Any, path: str) -> None:
+    page.screenshot(path=path, full_page=True)
+
+
 def cookies(page: Any) -> list[dict]:
     return page.context.cookies()
 
@@ -286,17 +289,14 @@ async def test_the_whole_path_in_a_real_browser(tmp_path):
         # Verify before the key is served: the page says why, and that it keeps checking.
         text = await browser.run(verify, dev, app["id"])
         assert "HTTP 404" in text and "checks again by itself" in text, text
+        await browser.run(snapshot, dev, str(tmp_path / "myapps-polling.png"))
         developer_site.key = app["key"].encode() + b"\n"
         text = await browser.run(verify, dev, app["id"])
         assert "Application id" in text and f"ws://127.0.0.1:{ws}/" in text, text
 
         # Activates it: the API key, shown once; a screenshot of /myapps is the test's artifact.
-        screenshot = tmp_path / "myapps.png"
-        active = await browser.run(activate, dev, app["id"], str(screenshot))
+        active = await browser.run(activate, dev, app["id"], str(tmp_path / "myapps.png"))
         assert len(active["key"]) == 1024 and active["entry_point"] == f"ws://127.0.0.1:{ws}/{active['app_id']}"
-        if os.environ.get("PRESENCE_ARTIFACTS"):
-            Path(os.environ["PRESENCE_ARTIFACTS"]).mkdir(parents=True, exist_ok=True)
-            shutil.copy(screenshot, Path(os.environ["PRESENCE_ARTIFACTS"]) / "myapps.png")
 
         # The application connects with its key.
         stream = await WSClient.connect(ws, "/" + active["app_id"])
@@ -310,6 +310,7 @@ async def test_the_whole_path_in_a_real_browser(tmp_path):
         await browser.run(ask_for_link, bob, door, "bob@example.com")
         await browser.run(follow_link, bob, await node.link_for("bob@example.com"), r".*/grant\?.*")
         shown = await browser.run(grant_page, bob)
+        await browser.run(snapshot, bob, str(tmp_path / "door-hanger.png"))
         assert "Example app" in shown and domain in shown and "Shows who is around" in shown
         landed = await browser.run(accept, bob, back)
         params = parse_qs(urlsplit(landed).query)
@@ -322,6 +323,7 @@ async def test_the_whole_path_in_a_real_browser(tmp_path):
         assert [(u["email"], u["status"], u["uid"]) for u in update] == [("bob@example.com", "online", uid)]
         assert await browser.run(set_status, bob, base, "unavailable") == "unavailable"
         assert [(u["email"], u["status"]) for u in await stream.receive()] == [("bob@example.com", "unavailable")]
+        await browser.run(snapshot, bob, str(tmp_path / "me.png"))
 
         # He revokes the grant: the application receives nothing more.
         text = await browser.run(revoke, bob, active["app_id"])
@@ -337,6 +339,11 @@ async def test_the_whole_path_in_a_real_browser(tmp_path):
         for secret in [app["key"], active["key"], *session_values]:
             assert secret and secret not in log
     finally:
+        if os.environ.get("PRESENCE_ARTIFACTS"):  # the screenshots, kept by CI
+            artifacts = Path(os.environ["PRESENCE_ARTIFACTS"])
+            artifacts.mkdir(parents=True, exist_ok=True)
+            for shot in tmp_path.glob("*.png"):
+                shutil.copy(shot, artifacts / shot.name)
         if stream is not None and stream.protocol is not None:
             stream.protocol.dropConnection(abort=True)
         browser.stop()

@@ -10,7 +10,6 @@ from urllib.parse import urlencode
 
 import pytest
 import pytest_twisted
-import treq
 from twisted.internet import defer, reactor
 from twisted.logger import globalLogPublisher
 from twisted.mail import smtp

@@ -129,7 +129,7 @@ async def test_a_port_is_refused_outside_the_local_mode(sqlite_url):
 async def test_registering_shows_the_key_and_exactly_what_to_do(web):
     browser = await web.signed_in("dev@example.com")
     app_id = await register(browser, "Example.COM", "<b>Example</b>", "Shows <i>who</i> is around")
-    page = await browser.get(f"/myapps?done=registered")
+    page = await browser.get("/myapps?done=registered")
     app = await web.store.get_app_by_id(app_id)
     assert app.developer == "dev@example.com" and app.domain == "example.com" and app.state == PENDING
     assert "Registered. Now serve the verification key below, then press Verify." in page.text
@@ -212,7 +212,7 @@ async def test_activate_shows_the_api_key_once_and_keeps_only_its_hash(web, site
     key = key_in(page, f"api-key-{app_id}")
     app = await web.store.get_app_by_id(app_id)
     assert len(key) == 1024 and app.state == ACTIVE and app.api_key_hash == hash_key(key)
-    assert "The API key, shown only now." in page.text
+    assert "The API key, shown only now." in page.text and "Activated. The application can now connect" in page.text
     assert await web.node.apps.authenticate(app.app_id, key)
     again = await browser.get("/myapps")
     assert key not in again.text and "api-key-" not in again.text

@@ -9,11 +9,12 @@ import pytest_twisted
 from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.error import DNSLookupError
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactor
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET
 
 from presence import verification as v
 from presence.apps import Applications
@@ -325,3 +326,32 @@ async def test_an_application_verified_meanwhile_stops_the_poll(sqlite_store):
     await tick(clock, poller, 10)
     assert script.calls == [1000]
     assert await sqlite_store.get_verification(app.id) is None and not poller.timers
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_cancels_the_check_under_way(sqlite_store):
+    clock = Clock()
+    clock.advance(1000)
+    apps = Applications(sqlite_store, clock, allow_ports=True)
+    app = await apps.register("dev@example.com", "example.com", "Example", "")
+    started: list[Deferred] = []
+
+    async def check(app) -> None:
+        if not started:
+            started.append(succeed(None))
+            raise VerificationFailed("HTTP 404", v.HTTP)
+        started.append(Deferred())  # this one never answers
+        await started[-1]
+
+    poller = VerificationPoller(sqlite_store, apps, clock, "node-a", check, first_delay=10)
+    await poller.verify(app)
+    clock.advance(10)
+    for _ in range(100):
+        if len(started) == 2:
+            break
+        await deferLater(reactor, 0.01, lambda: None)
+    assert len(poller.inflight) == 1
+    poller.stop()
+    await poller.wait()
+    assert not poller.inflight and not poller.timers
+    assert (await sqlite_store.get_verification(app.id)).attempts == 1

@@ -14,7 +14,7 @@ from twisted.logger import Logger
 from presence import errors
 from presence.apps import MAX_DESCRIPTION, MAX_NAME, validate_domain
 from presence.store.base import ACTIVE, PENDING
-from presence.web.common import Problem, arg, redirect, render, when, with_query
+from presence.web.common import Problem, arg, redirect, when, with_query
 
 log = Logger()
 
@@ -37,7 +37,8 @@ class DeveloperPages:
         return app
 
     async def page(self, request: Any, developer: str, code: int = 200, form: dict | None = None,
-                   errors_: dict | None = None, shown_key: tuple[int, str] | None = None) -> bytes:
+                   errors_: dict | None = None, shown_key: tuple[int, str] | None = None,
+                   done: str | None = None) -> bytes:
         site = self.site
         apps = await site.store.list_apps(developer=developer)
         rows = []
@@ -55,9 +56,10 @@ class DeveloperPages:
                 "until": when(poll.poll_until) if poll else None,
                 "key": shown_key[1] if shown_key and shown_key[0] == app.id else None,
             })
-        done = DONE.get(arg(request, "done"))
+        code_done = arg(request, "done")
+        done = done or DONE.get(code_done)
         return await site.page(request, "myapps.html", code=code, rows=rows, form=form or {},
-                               errors=errors_ or {}, done=done, max_name=MAX_NAME,
+                               errors=errors_ or {}, done=done, done_ok=code_done != "checking", max_name=MAX_NAME,
                                max_description=MAX_DESCRIPTION, local=site.apps.allow_ports)
 
     async def register(self, request: Any, developer: str) -> bytes:
@@ -98,7 +100,7 @@ class DeveloperPages:
         app, failure = await self.site.poller.verify(app)
         return redirect(request, with_query("/myapps", done="checking" if failure else "verified") + f"#app-{app.id}")
 
-    async def activate(self, request: Any, developer: str, id: str, rotate: bool) -> bytes:
+    async def activate(self, request: Any, developer: str, id: str) -> bytes:
         """Make a new API key and show it this once (rotating closes the connections using the old one)."""
         app = await self._own(request, developer, id)
         if app.state == PENDING:
@@ -109,7 +111,9 @@ class DeveloperPages:
             await self.site.hub.close_application(app.app_id, errors.CLOSE_REVOKED, "the API key was rotated")
         log.info("{developer} {what} application {app_id}", developer=developer, app_id=app.app_id,
                  what="rotated the API key of" if was_active else "activated", event="web.app_activated")
-        return await self.page(request, developer, shown_key=(app.id, key))
+        done = ("Rotated: the old API key no longer works and the connections that used it were closed."
+                if was_active else "Activated. The application can now connect with its API key.")
+        return await self.page(request, developer, shown_key=(app.id, key), done=done)
 
     async def deactivate(self, request: Any, developer: str, id: str) -> bytes:
         app = await self._own(request, developer, id)

@@ -252,7 +252,7 @@ class WebSite:
             return await self.developer.verify(request, developer, id)
         if action == "deactivate":
             return await self.developer.deactivate(request, developer, id)
-        return await self.developer.activate(request, developer, id, rotate=action == "rotate")
+        return await self.developer.activate(request, developer, id)  # on an active one: a rotation
 
     # -- people ---------------------------------------------------------------------------------------------------------
     @app.route("/me", methods=["GET"])

@@ -1,0 +1,92 @@
+"""The pages' options (twistd, presence.tac, the operator guide) and where their shared secrets come
+from: files the operator gives, or the database every node shares."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from cryptography.hazmat.primitives import serialization
+from twisted.internet import reactor
+
+from presence.config import Config
+from presence.identity import new_user_key
+from presence.tap import SETTINGS, Options, config_from_env
+from presence.web.idp import load_issuer, load_secret
+
+WEB_OPTIONS = ["session_secret_file", "session_lifetime", "identity_key_file", "login_link_lifetime", "smtp_host",
+               "smtp_port", "smtp_from", "verify_poll", "verify_timeout", "verify_allow_private"]
+
+
+def test_the_pages_options_parse_and_match_the_environment():
+    options = Options()
+    options.parseOptions(["--session-secret-file", "/etc/presence/secret", "--session-lifetime", "3600",
+                          "--identity-key-file", "/etc/presence/idp.pem", "--login-link-lifetime", "600",
+                          "--smtp-host", "mail.example.org", "--smtp-port", "2525", "--smtp-from", "p@example.org",
+                          "--verify-poll", "120", "--verify-timeout", "3", "--verify-allow-private"])
+    config = options.config()
+    assert (config.session_secret_file, config.session_lifetime, config.identity_key_file) == (
+        "/etc/presence/secret", 3600.0, "/etc/presence/idp.pem")
+    assert (config.login_link_lifetime, config.smtp_host, config.smtp_port, config.smtp_from) == (
+        600.0, "mail.example.org", 2525, "p@example.org")
+    assert (config.verify_poll, config.verify_timeout, config.verify_allow_private) == (120.0, 3.0, True)
+    env = {"PRESENCE_SESSION_SECRET_FILE": "/etc/presence/secret", "PRESENCE_SESSION_LIFETIME": "3600",
+           "PRESENCE_IDENTITY_KEY_FILE": "/etc/presence/idp.pem", "PRESENCE_LOGIN_LINK_LIFETIME": "600",
+           "PRESENCE_SMTP_HOST": "mail.example.org", "PRESENCE_SMTP_PORT": "2525", "PRESENCE_SMTP_FROM": "p@example.org",
+           "PRESENCE_VERIFY_POLL": "120", "PRESENCE_VERIFY_TIMEOUT": "3", "PRESENCE_VERIFY_ALLOW_PRIVATE": "1"}
+    assert config_from_env(env) == Config(**{**config.__dict__, "node": config_from_env(env).node})
+
+
+def test_the_defaults_are_safe():
+    config = Config()
+    assert config.smtp_host == "" and config.verify_allow_private is False
+    assert config.session_secret_file == "" and config.identity_key_file == ""
+
+
+def test_every_pages_option_has_help_and_is_in_the_operator_guide():
+    helped = dict(SETTINGS)
+    guide = (Path(__file__).parent.parent / "docs" / "operations.md").read_text()
+    for name in WEB_OPTIONS:
+        assert helped[name], name
+        assert f"`--{name.replace('_', '-')}`" in guide, name
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_session_secret_from_a_file_made_if_missing(tmp_path, sqlite_store):
+    path = tmp_path / "secret"
+    config = Config(session_secret_file=str(path))
+    first = await load_secret(config, sqlite_store, 1.0)
+    assert len(first) == 64 and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert await load_secret(config, sqlite_store, 2.0) == first
+    path.write_text("short\n")
+    with pytest.raises(ValueError, match="at least 32 characters"):
+        await load_secret(config, sqlite_store, 3.0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_a_file_every_node_gets_the_same_secret_and_key_from_the_database(sqlite_store):
+    config = Config(public_url="https://presence.example.org")
+    assert await load_secret(config, sqlite_store, 1.0) == await load_secret(config, sqlite_store, 2.0)
+    a = await load_issuer(config, sqlite_store, reactor, 1.0)
+    b = await load_issuer(config, sqlite_store, reactor, 2.0)
+    assert a.domain == b.domain == "presence.example.org"
+    assert a.public_key.public_numbers() == b.public_key.public_numbers()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_identity_key_from_a_file_made_if_missing(tmp_path, sqlite_store):
+    path = tmp_path / "idp.pem"
+    config = Config(identity_key_file=str(path), public_url="https://presence.example.org:8443")
+    first = await load_issuer(config, sqlite_store, reactor, 1.0)
+    assert first.domain == "presence.example.org:8443" and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    again = await load_issuer(config, sqlite_store, reactor, 2.0)
+    assert again.public_key.public_numbers() == first.public_key.public_numbers()
+    assert await sqlite_store._query("SELECT COUNT(*) FROM web_secrets WHERE name = 'identity_key'") == [(0,)]
+    weak = new_user_key(1024).private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption())
+    path.write_bytes(weak)
+    with pytest.raises(ValueError, match="RSA key of at least 2048 bits"):
+        await load_issuer(config, sqlite_store, reactor, 3.0)
