@@ -254,3 +254,14 @@ async def test_me_forms_need_the_csrf_token(web):
         assert (await browser.post(path, form, csrf=False)).code == 403
     assert await web.store.get_status("bob@example.com") is None
     assert await web.store.get_grant("bob@example.com", app.app_id) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_store_that_does_not_answer_gets_a_clear_page(web):
+    browser = await web.signed_in("bob@example.com")
+    await web.store.close()
+    page = await browser.get("/me")
+    assert page.code == 503
+    assert "This Presence node cannot reach its database right now; nothing was changed." in page.text
+    page = await browser.post_json("/login/start", {"email": "bob@example.com"})
+    assert page.code == 503 and "cannot reach its database" in page.json()["error"]

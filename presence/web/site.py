@@ -160,8 +160,8 @@ class WebSite:
         message = "This Presence node cannot reach its database right now; nothing was changed. Try again in a moment."
         if (request.getHeader(b"content-type") or b"").startswith(b"application/json"):
             return send_json(request, 503, {"error": message})
-        return render(self.templates, request, "problem.html", 503, user=None, csrf="", version=__version__,
-                      node=self.config.node, title="Try again in a moment", message=message)
+        return render(self.templates, request, "problem.html", 503, user=None, csrf=self.sessions.csrf_token(request),
+                      version=__version__, node=self.config.node, title="Try again in a moment", message=message)
 
     @app.handle_errors(Exception)
     async def failed(self, request: Any, failure: Any) -> bytes:
@@ -171,8 +171,8 @@ class WebSite:
             return await self.page(request, "problem.html", code=code, title="Not found" if code == 404 else "Error",
                                    message=message)
         log.failure("a page failed", failure, event="web.failed")
-        return render(self.templates, request, "problem.html", 500, user=None, csrf="", version=__version__,
-                      node=self.config.node, title="Something went wrong",
+        return render(self.templates, request, "problem.html", 500, user=None, csrf=self.sessions.csrf_token(request),
+                      version=__version__, node=self.config.node, title="Something went wrong",
                       message="Something went wrong on this node; nothing more can be said here. Try again later.")
 
     # -- the front page and static files ---------------------------------------------------------------------
