@@ -63,6 +63,17 @@ def serve(host: str, port: int, backlog: int) -> None:
         subs.pop(client.sock.fileno(), None)
         client.sock.close()
 
+    def send(client: Client, data: bytes) -> bool:
+        """One non-blocking send (the frames are small); a peer that is gone is dropped."""
+        try:
+            client.sock.send(data)
+            return True
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            drop(client)
+            return False
+
     while True:
         for key, _ in sel.select(1.0):
             client = key.data
@@ -87,10 +98,7 @@ def serve(host: str, port: int, backlog: int) -> None:
                 drop(client)
                 continue
             if client.kind == "sub":
-                try:
-                    client.sock.send(OK)
-                except OSError:
-                    pass
+                send(client, OK)
                 continue
             client.buf += data
             if not client.kind:
@@ -103,13 +111,14 @@ def serve(host: str, port: int, backlog: int) -> None:
                     continue
                 path, reply = answer
                 client.buf = client.buf[end + 4:]
-                client.sock.send(reply)
+                if not send(client, reply):
+                    continue
                 client.kind = {"/trigger": "trigger", "/probe": "probe"}.get(path, "sub")
                 if client.kind == "sub":
                     subs[client.sock.fileno()] = client.sock
                     if client.buf:
                         client.buf = b""
-                        client.sock.send(OK)
+                        send(client, OK)
                     continue
             frames, client.buf = parse(client.buf)
             for opcode, payload in frames:
@@ -117,7 +126,8 @@ def serve(host: str, port: int, backlog: int) -> None:
                     drop(client)
                     break
                 if client.kind == "probe" and opcode == PING:
-                    client.sock.send(server_frame(payload, PONG))
+                    if not send(client, server_frame(payload, PONG)):
+                        break
                 elif client.kind == "trigger" and opcode == TEXT:
                     out = server_frame(payload)
                     t0 = time.monotonic()

@@ -229,6 +229,13 @@ class Bench:
             server.stop()
         if self.issuer:
             self.issuer.close()
+        for path in sorted(self.run_dir.glob("*.log")):  # the bench's own processes must not fail silently
+            if path.name == "node.log":
+                continue
+            text = path.read_text(errors="replace")
+            if "Traceback" in text:
+                last = [line for line in text.splitlines() if line.strip()][-1]
+                self.notes.append(f"bench process log {path.name} has a traceback: {last[:200]}")
         if not self.o.keep and not self.o.run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
@@ -261,13 +268,14 @@ class Bench:
         seconds = max(r["t_end"] for r in replies) - min(r["t0"] for r in replies)
         rate = ok / seconds if seconds > 0 else None
         errors = [e for r in replies for e in r["errors"]][:3]
-        say(f"{t.name}: {what}: {ok:,} connected in {seconds:.2f}s = {rate or 0:,.0f}/s "
-            f"(generators used {gen_cpu / max(seconds, 1e-3) * 100:.0f}% of a core)"
+        gen_pct = round(gen_cpu / seconds * 100) if seconds >= 0.5 else None  # too short to say otherwise
+        say(f"{t.name}: {what}: {ok:,} connected in {seconds:.2f}s = {rate or 0:,.0f}/s"
+            + (f" (generators used {gen_pct}% of a core)" if gen_pct is not None else "")
             + (f"; {failed} FAILED, e.g. {errors}" if failed else ""))
         if failed:
             self.notes.append(f"{t.name}: {failed} of {total} {what} failed to connect, e.g. {errors}")
         return {"n": ok, "failed": failed, "seconds": round(seconds, 3), "rate": rate and round(rate),
-                "generators_cpu_pct": round(gen_cpu / max(seconds, 1e-3) * 100)}
+                "generators_cpu_pct": gen_pct}
 
     def generators_cpu(self) -> float:
         return sum(common.cpu_seconds(w.process.pid) for w in self.fleet.workers)

@@ -25,6 +25,7 @@ def test_quick_bench_run_measures_every_scenario(tmp_path):
     assert "node: devices:" in run.stdout  # and progress along the way
     results = json.loads(out.read_text())
     n = results["meta"]["connections"]
+    assert not [note for note in results["notes"] if note.startswith("bench process log")], results["notes"]
 
     for target in ("node", "autobahn", "floor"):
         r = results[target]
