@@ -34,8 +34,9 @@ def parser() -> argparse.ArgumentParser:
                    help="throughput steps, status changes/s, comma-separated (default up to 30000; '' skips it)")
     r.add_argument("--step-seconds", type=float, default=None, help="length of a throughput step (default 5)")
     r.add_argument("--drain", type=float, default=3.0, help="seconds a step waits for its last deliveries")
-    r.add_argument("--max-p99", type=float, default=500.0,
-                   help="a step is sustained only with p99 at most this many ms (and 99.5%% delivered)")
+    r.add_argument("--max-p50", type=float, default=200.0,
+                   help="a step is sustained while the median latency, overall and over the step's last fifth, "
+                        "stays at most this many ms (and 95%% of the rate is sent, 99.5%% delivered, no errors)")
     r.add_argument("--rounds", type=int, default=None, help="fan-out rounds per shape (default 3; median reported)")
     r.add_argument("--fanout-timeout", type=float, default=60.0)
     r.add_argument("--grace", type=float, default=None, help="the node's --grace (default 10, its own default)")

@@ -356,6 +356,7 @@ class Bench:
         lat = array.array("f")
         for reply in replies:
             lat.frombytes(base64.b64decode(reply["lat"]))
+        tail = sorted(lat[-max(len(lat) // 5, 1):]) if lat else []  # the step's last fifth, in arrival order
         values = sorted(lat)
         sent = sum(x["sent"] for x in replies)
         matched = sum(x["matched"] for x in replies)
@@ -364,11 +365,15 @@ class Bench:
         step = {"target": rate, "achieved": round(achieved), "sent": sent, "delivered": matched,
                 "delivered_pct": 100.0 * matched / sent if sent else 0.0, "errors": errors,
                 "p50": percentile(values, 50), "p99": percentile(values, 99), "max": values[-1] if values else None,
+                "p50_last_fifth": percentile(tail, 50),
                 "cpu_us_per_change": round(cpu / sent * 1e6) if sent else None, "node_cpu_pct": round(cpu / o.step_seconds * 100),
                 "generator_lag_ms": round(max(x["lag"] for x in replies) * 1000, 1), "stall_ms": await self.stall(),
                 "other_cpu_pct": self.other_load(t0, f"{t.name} throughput {rate}/s")}
+        # Sustained: the rate was sent, (nearly) all of it delivered, and latency did not run away: the
+        # median stays low overall and at the end of the step (a backlog that builds shows there). One
+        # stall (a garbage collection) raises p99 and max, which are reported, but is not a runaway.
         step["sustained"] = bool(achieved >= 0.95 * rate and step["delivered_pct"] >= 99.5 and errors == 0
-                                 and values and step["p99"] <= o.max_p99)
+                                 and values and step["p50"] <= o.max_p50 and step["p50_last_fifth"] <= o.max_p50)
         say(f"{t.name}: {rate:,}/s: sent {achieved:,.0f}/s, delivered {step['delivered_pct']:.1f}%, "
             f"p50 {step['p50']:.1f} ms, p99 {step['p99']:.1f} ms, max {step['max'] or 0:.1f} ms, "
             f"node CPU {step['node_cpu_pct']}%, stall {step['stall_ms']:.1f} ms, other processes {step['other_cpu_pct']}%"
