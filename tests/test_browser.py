@@ -26,6 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import pytest_twisted
+import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
@@ -238,6 +239,29 @@ def set_status(page: Any, base: str, status: str) -> str:
     return page.text_content("#status")
 
 
+def mark_loaded(page: Any) -> None:
+    """A mark that a reload or a navigation would wipe out."""
+    page.evaluate("window.presenceTestMark = 'still here'")
+
+
+def arriving_notification(page: Any, text: str) -> dict[str, Any]:
+    """Wait (no reload) until the page's script shows the notification holding ``text``."""
+    item = page.locator("#notifications li", has_text=text)
+    item.wait_for(state="visible", timeout=15_000)
+    link = item.locator("a.note-action")
+    return {"mark": page.evaluate("window.presenceTestMark"), "id": item.get_attribute("data-id"),
+            "app": item.locator(".note-app").text_content(), "message": item.locator(".note-message").text_content(),
+            "elements": item.locator(".note-message *").count(), "href": link.get_attribute("href"),
+            "rel": link.get_attribute("rel"), "target": link.get_attribute("target"),
+            "empty_hidden": page.locator("#no-notifications").is_hidden()}
+
+
+def dismiss(page: Any, note_id: str) -> str:
+    page.click(f"#dismiss-{note_id}")
+    page.wait_for_url(re.compile(r".*/me\?done=dismissed"))
+    return page.text_content("#notifications-section")
+
+
 def revoke(page: Any, app_id: str) -> str:
     page.click(f"#revoke-{app_id}")
     page.wait_for_url(re.compile(r".*/me\?done=revoked"))
@@ -323,7 +347,22 @@ async def test_the_whole_path_in_a_real_browser(tmp_path):
         assert [(u["email"], u["status"], u["uid"]) for u in update] == [("bob@example.com", "online", uid)]
         assert await browser.run(set_status, bob, base, "unavailable") == "unavailable"
         assert [(u["email"], u["status"]) for u in await stream.receive()] == [("bob@example.com", "unavailable")]
+
+        # The application sends him a notification; his open page shows it without a reload.
+        await browser.run(mark_loaded, bob)
+        message, action = "Alice asks you to <b>join</b>", f"http://{domain}/room?a=1&b=2"
+        response = await treq.post(f"{base}/{active['app_id']}/notification",
+                                   json=[{"uid": uid, "message": message, "action": action}],
+                                   headers={"authorization": [f"Bearer {active['key']}"]})
+        assert response.code == 200 and (await response.json())[0]["result"] == "OK"
+        shown = await browser.run(arriving_notification, bob, "Alice asks you to")
+        assert shown["mark"] == "still here", "the page was reloaded"
+        assert (shown["app"], shown["message"], shown["elements"]) == ("Example app", message, 0)
+        assert (shown["href"], shown["rel"], shown["target"]) == (action, "noopener noreferrer", "_blank")
+        assert shown["empty_hidden"]
         await browser.run(snapshot, bob, str(tmp_path / "me.png"))
+        text = await browser.run(dismiss, bob, shown["id"])
+        assert "No notification is waiting for you." in text and "Alice asks you to" not in text
 
         # He revokes the grant: the application receives nothing more.
         text = await browser.run(revoke, bob, active["app_id"])

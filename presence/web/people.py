@@ -1,5 +1,5 @@
 """The people's pages: the door hanger that grants an application access, and ``/me`` where a person
-sets their status, sees their devices and revokes applications.
+sets their status, sees their devices and waiting notifications, and revokes applications.
 
 The door hanger sends people back only to the application's verified domain (the host, and its port
 when the domain names one, else the scheme's default), so it cannot be used as an open redirect.
@@ -14,8 +14,9 @@ from twisted.logger import Logger
 
 from presence.hub import PAGE_DEVICE
 from presence.status import STATUSES
-from presence.store.base import PENDING
-from presence.web.common import Problem, ago, arg, redirect, when, with_query
+from presence.store import StoreUnavailable
+from presence.store.base import PENDING, Notification
+from presence.web.common import Problem, ago, arg, redirect, send_json, when, with_query
 
 log = Logger()
 
@@ -27,7 +28,28 @@ DONE = {
     "status": "Your status is set.",
     "revoked": "Revoked: that application gets no more updates about you.",
     "none": "That application had no access to revoke.",
+    "dismissed": "Dismissed: that notification is gone, and no device of yours will receive it again.",
+    "gone": "That notification was already gone (dismissed, acknowledged by a device, or expired).",
 }
+
+
+def action_link(url: str | None) -> str | None:
+    """``url`` if it may be a link on the page: an http(s) URL with a host (checked when queued, and
+    again here), else None."""
+    if not isinstance(url, str):
+        return None
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    return url if parts.scheme.lower() in _DEFAULT_PORTS and parts.netloc else None
+
+
+def notification_view(note: Notification) -> dict[str, Any]:
+    """What /me and /me/notifications show of one waiting notification (escaped by the template, or
+    set as text by the page's script)."""
+    return {"id": note.id, "app": note.app, "domain": note.domain, "message": note.message,
+            "action": action_link(note.action), "at": round(note.at, 3), "when": when(note.at)}
 
 
 def check_redirect(url: str, domain: str) -> str:
@@ -108,9 +130,30 @@ class PeoplePages:
             if app is not None:
                 grants.append({"app": app, "since": when(grant.created_at), "uid": grant.uid})
         page = next((d["status"] for d in devices if d["name"] == "this page"), None)
+        notes = [notification_view(n) for n in await self.site.node.notifier.waiting(email)]
         return await self.site.page(request, "me.html", code=code, status=status.status if status else "offline",
                                     page_status=page, devices=devices, grants=grants, statuses=STATUSES,
-                                    problem=problem, done=DONE.get(arg(request, "done")))
+                                    notifications=notes, problem=problem, done=DONE.get(arg(request, "done")))
+
+    async def notifications(self, request: Any) -> bytes:
+        """GET /me/notifications: the waiting notifications as JSON, for the page's script to poll."""
+        try:
+            email = await self.site.sessions.user(request)
+            if email is None:
+                return send_json(request, 401,
+                                 {"error": "You are signed out: sign in again to see your notifications."})
+            notes = await self.site.node.notifier.waiting(email)
+        except StoreUnavailable:
+            return send_json(request, 503, {"error": "This Presence node cannot reach its database right now."})
+        return send_json(request, 200, {"notifications": [notification_view(n) for n in notes]})
+
+    async def dismiss(self, request: Any, email: str) -> bytes:
+        """POST /me/dismiss: acknowledge one of the person's own notifications (as a device's ack would:
+        no device receives it again)."""
+        raw = arg(request, "id", 20)
+        valid = raw.isascii() and raw.isdigit() and len(raw) < 19
+        acked = await self.site.node.notifier.ack(email, [int(raw)]) if valid else 0
+        return redirect(request, with_query("/me", done="dismissed" if acked else "gone"))
 
     async def set_status(self, request: Any, email: str) -> bytes:
         status = arg(request, "status", 20)

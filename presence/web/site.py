@@ -14,6 +14,7 @@ idp.py (signing in), developer.py (/myapps) and people.py (the door hanger and /
 | POST /myapps/<id>/verify, activate, rotate, deactivate | the application's life |
 | GET, POST /<appid>/grant | the door hanger |
 | GET /me, POST /me/status, POST /me/revoke | the person's page |
+| GET /me/notifications, POST /me/dismiss | waiting notifications (JSON, polled by the page), dismissing one |
 """
 
 from __future__ import annotations
@@ -262,7 +263,11 @@ class WebSite:
             return self.to_login(request)
         return await self.people.me(request, email)
 
-    @app.route("/me/<any(status,revoke):action>", methods=["POST"])
+    @app.route("/me/notifications", methods=["GET"])
+    async def me_notifications(self, request: Any) -> bytes:
+        return await self.people.notifications(request)
+
+    @app.route("/me/<any(status,revoke,dismiss):action>", methods=["POST"])
     async def me_action(self, request: Any, action: str) -> bytes:
         self._guard(request)
         email = await self._signed_in(request)
@@ -270,6 +275,8 @@ class WebSite:
             return self.to_login(request, "/me")
         if action == "status":
             return await self.people.set_status(request, email)
+        if action == "dismiss":
+            return await self.people.dismiss(request, email)
         return await self.people.revoke(request, email)
 
     @app.route("/<string:app_id>/grant", methods=["GET"])
