@@ -1,6 +1,6 @@
 """presence-admin: everything the web pages do to applications and grants, from a shell.
 
-    presence-admin [--database URL] apps list [--developer EMAIL]
+    presence-admin [--database URL] [--allow-ports] [--allow-private] apps list [--developer EMAIL]
     presence-admin apps create DEVELOPER DOMAIN NAME [--description TEXT]
     presence-admin apps show APP
     presence-admin apps verify APP [--force]
@@ -11,7 +11,9 @@
     presence-admin grants revoke EMAIL APPID
     presence-admin check [--env] [--strict] [twistd presence options]   (validate a configuration)
 
-APP is the application's number (shown by ``apps list``) or its public app id.
+APP is the application's number (shown by ``apps list``) or its public app id. ``apps verify`` fetches
+like the pages' Verify (presence/verification.py): one deadline, a small body limit, redirects only
+on the same host, and no private, loopback or link-local address unless ``--allow-private``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def parser() -> argparse.ArgumentParser:
                    help="sqlite:PATH or postgresql://user:password@host:port/database (default: %(default)s)")
     p.add_argument("--allow-ports", action="store_true",
                    help="accept domains with a :port (local and test setups)")
+    p.add_argument("--allow-private", action="store_true",
+                   help="let apps verify fetch private, loopback and link-local addresses (local and test setups)")
     top = p.add_subparsers(dest="area", required=True)
 
     apps = top.add_parser("apps", help="applications").add_subparsers(dest="command", required=True)
@@ -49,7 +53,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("name")
     c.add_argument("--description", default="")
     for name, text in [("show", "show one application, with its verification key while pending"),
-                       ("verify", "fetch http://<domain>/__presence and compare it with the verification key"),
+                       ("verify", "fetch http://<domain>/__presence (public addresses only, unless --allow-private)"
+                                  " and compare it with the verification key"),
                        ("activate", "generate a new API key (printed once; rotates an existing one)"),
                        ("deactivate", "remove the API key: the application's streams stop")]:
         c = apps.add_parser(name, help=text)
@@ -126,14 +131,15 @@ async def _dispatch(args: argparse.Namespace, store: Store, apps: Applications, 
                     say(f"already verified: app id {app.app_id}")
                     return
                 if not args.force:
-                    import treq
+                    from presence.verification import PRIVATE, VerificationFailed, check_domain, safe_client
 
-                    from presence.verification import VerificationFailed, check_domain
-
+                    timeout = Config.verify_timeout
+                    http = safe_client(reactor, args.allow_private, connect_timeout=timeout)
                     try:
-                        await check_domain(treq, reactor, app.domain, app.verification_key)
+                        await check_domain(http, reactor, app.domain, app.verification_key, timeout)
                     except VerificationFailed as e:
-                        raise AdminError(f"not verified: {e}")
+                        hint = " (for a local setup, add --allow-private)" if e.reason == PRIVATE else ""
+                        raise AdminError(f"not verified: {e}{hint}")
                 app = await apps.mark_verified(app)
                 say(f"verified: app id {app.app_id}")
             elif args.command == "activate":

@@ -112,7 +112,8 @@ class _CheckedEndpoint:
             raise error.DNSLookupError(self.host)
         allowed = addresses if f.allow_private else [a for a in addresses if address_refusal(a) is None]
         if not allowed:
-            raise AddressRefused(f"{self.host} is {addresses[0]}, {address_refusal(addresses[0])}")
+            named = f"{self.host} is" if self.host.strip("[]") == addresses[0] else f"{self.host} is {addresses[0]},"
+            raise AddressRefused(f"{named} {address_refusal(addresses[0])}")
         address = allowed[0]
         kind = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
         endpoint: Any = kind(f.reactor, address, self.port, timeout=f.connect_timeout)

@@ -1,4 +1,5 @@
-"""presence-admin: the whole application and grant flow from a shell, with a real domain check."""
+"""presence-admin: the whole application and grant flow from a shell, with a real domain check (the
+pages' safe fetch: the local domain needs --allow-private)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from presence.admin import AdminError, parser, run
 from presence.keys import key_matches
 
 
-async def admin(database: str, *argv: str) -> str:
+async def admin(database: str, *argv: str, allow_private: bool = True) -> str:
     out = io.StringIO()
-    await run(parser().parse_args(["--database", database, "--allow-ports", *argv]), reactor, out)
+    flags = ["--allow-ports"] + (["--allow-private"] if allow_private else [])
+    await run(parser().parse_args(["--database", database, *flags, *argv]), reactor, out)
     return out.getvalue()
 
 
@@ -28,8 +30,13 @@ class KeyFile(Resource):
         super().__init__()
         self.body = b""
         self.ctype = b"text/plain"
+        self.redirect = None
 
     def render_GET(self, request):
+        if self.redirect is not None:
+            request.setResponseCode(302)
+            request.setHeader(b"location", self.redirect)
+            return b""
         request.setHeader(b"content-type", self.ctype)
         return self.body
 
@@ -86,6 +93,34 @@ async def test_register_verify_activate_grant_revoke(database_url, domain):
         assert app.state == "verified" and app.api_key_hash is None
     finally:
         await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_verify_refuses_a_loopback_domain_without_allow_private(sqlite_url, domain):
+    host, keyfile = domain
+    out = await admin(sqlite_url, "apps", "create", "dev@example.com", host, "Local", allow_private=False)
+    keyfile.body = out.splitlines()[-1].encode()
+    with pytest.raises(AdminError) as e:
+        await admin(sqlite_url, "apps", "verify", "1", allow_private=False)
+    message = str(e.value)
+    assert message.startswith(f"not verified: http://{host}/__presence cannot be checked")
+    assert "127.0.0.1 is a loopback address; verification fetches only public addresses" in message
+    assert message.endswith("(for a local setup, add --allow-private)")
+    assert (await admin(sqlite_url, "apps", "show", "1", allow_private=False)).split("\t")[2] == "pending"
+    assert "verified: app id" in await admin(sqlite_url, "apps", "verify", "1")  # the same, allowed
+
+
+@pytest_twisted.ensureDeferred
+async def test_verify_follows_only_same_host_redirects_within_the_deadline(sqlite_url, domain):
+    host, keyfile = domain
+    await admin(sqlite_url, "apps", "create", "dev@example.com", host, "Moved")
+    keyfile.redirect = b"http://elsewhere.example/__presence"
+    with pytest.raises(AdminError, match="redirect may only stay on 127.0.0.1"):
+        await admin(sqlite_url, "apps", "verify", "1")
+    keyfile.redirect = None
+    keyfile.body = b"x" * 10_000
+    with pytest.raises(AdminError, match="larger than 4096 bytes"):
+        await admin(sqlite_url, "apps", "verify", "1")
 
 
 @pytest_twisted.ensureDeferred
