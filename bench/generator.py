@@ -28,7 +28,7 @@ from bench import common
 from bench.wsclient import OPEN, Conn, frame, now
 
 # Conn.flag values
-NEW, AUTHING, READY, WAIT_STATUS = 0, 1, 2, 3
+NEW, AUTHING, READY, WAIT_STATUS, FAILED = 0, 1, 2, 3, -1
 
 STATUS_FRAMES_TEXT = (b'{"type":"status","status":"online"}', b'{"type":"status","status":"unavailable"}')
 # A change as an application receives it: the device index and the status' first letter, in
@@ -206,10 +206,10 @@ class Generator:
         self._maybe_done(group)
 
     def _failed(self, conn: Conn, group: Group, why: str) -> None:
-        if conn.flag == -1:
+        if conn.flag == FAILED:
             return
         was_ready = conn.flag == READY
-        conn.flag = -1
+        conn.flag = FAILED
         if was_ready:
             return
         group.failed += 1
