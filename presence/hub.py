@@ -12,9 +12,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from twisted.internet.defer import DeferredLock, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from presence import changelog, errors
 from presence.keys import new_id
@@ -61,7 +62,9 @@ class Hub:
         self.retry_delay = retry_delay
         self.links: dict[tuple[str, str], Link] = {}
         self.by_email: dict[str, dict[str, Link]] = {}   # the same links, found by person
-        self._locks: dict[str, DeferredLock] = {}
+        self._queue: list[tuple[str, Callable, dict | None, Deferred]] = []
+        self._running = False
+        self.max_batch = 500
 
     # -- devices ----------------------------------------------------------------------------------
     async def attach(self, email: str, device_id: str, scope: frozenset[str] | None,
@@ -124,7 +127,7 @@ class Hub:
         """Close the application's streams on every node (deactivated, deleted)."""
         self.streams.close_app(app_id, code, reason)
         await self.store.log_change(self.node, self.clock.seconds(),
-                                    changelog.encode([], extra={"close_app": [app_id, code, reason]}))
+                                    changelog.encode([], extras=[{"close_app": [app_id, code, reason]}]))
 
     def detach(self, link: Link, connection: DeviceConnection) -> None:
         """The connection dropped: the device counts as it was for ``grace`` seconds, then goes offline."""
@@ -169,39 +172,58 @@ class Hub:
         return sent
 
     # -- the one place a change happens ------------------------------------------------------------
-    async def _change(self, email: str, mutate: Callable[[dict[str, Device]], None],
-                      extra: dict[str, Any] | None = None) -> PersonChange:
-        """Run a change of one person in the store and hand what it changed to the local streams.
-        The lock keeps this node's changes of one person in order (the store orders nodes)."""
-        lock = self._locks.setdefault(email, DeferredLock())
+    def _change(self, email: str, mutate: Callable[[dict[str, Device]], None],
+                extra: dict[str, Any] | None = None) -> Deferred:
+        """Queue a change of one person; it runs in the next batch, which hands what it changed to
+        the local streams. One batch runs at a time, in arrival order, so this node's changes of a
+        person keep their order (the store orders nodes)."""
+        d: Deferred = Deferred()
+        self._queue.append((email, mutate, extra, d))
+        if not self._running:
+            self._running = True
+            ensureDeferred(self._run_batches())
+        return d
+
+    async def _run_batches(self) -> None:
+        """Group commit: the changes that arrive while a batch runs make up the next one."""
         try:
-            async with lock:
-                change = await self.store.change_person(email, mutate, self.node, self.clock.seconds(), extra)
-                self.streams.publish(change.updates, change.queued)
-                return change
+            while self._queue:
+                batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
+                try:
+                    changes = await self.store.change_people([(e, m, x) for e, m, x, _ in batch], self.node,
+                                                             self.clock.seconds())
+                except Exception:
+                    failure = Failure()
+                    for *_, d in batch:
+                        d.errback(failure)
+                    continue
+                for change, (*_, d) in zip(changes, batch):
+                    self.streams.publish(change.updates, change.queued)
+                for change, (*_, d) in zip(changes, batch):
+                    d.callback(change)
         finally:
-            if not lock.locked and not lock.waiting and self._locks.get(email) is lock:
-                del self._locks[email]
+            self._running = False
 
     # -- changes made by other nodes ----------------------------------------------------------------
     def apply(self, logged: LoggedChange) -> None:
         """A change from the log: deliver its updates here; close a device taken over elsewhere."""
         if logged.origin == self.node:
             return  # delivered when it was made
-        updates, queued, extra = changelog.decode(logged.payload)
+        updates, queued, extras = changelog.decode(logged.payload)
         self.streams.publish(updates, queued)
-        for email, notes in extra.get("notify", {}).items():
-            self.notify(email, notes)
-        if "close_app" in extra:
-            self.streams.close_app(*extra["close_app"])
-        takeover = extra.get("takeover")
-        if takeover:
-            email, device_id, session = takeover
-            link = self.links.get((email, device_id))
-            if link is not None and link.session != session:
-                self._forget(link)
-                if link.connection is not None:
-                    link.connection.close(errors.CLOSE_REPLACED, "replaced by a newer connection of the same device")
+        for extra in extras:
+            for email, notes in extra.get("notify", {}).items():
+                self.notify(email, notes)
+            if "close_app" in extra:
+                self.streams.close_app(*extra["close_app"])
+            takeover = extra.get("takeover")
+            if takeover:
+                email, device_id, session = takeover
+                link = self.links.get((email, device_id))
+                if link is not None and link.session != session:
+                    self._forget(link)
+                    if link.connection is not None:
+                        link.connection.close(errors.CLOSE_REPLACED, "replaced by a newer connection of the same device")
 
     # -- start, stop, and other nodes' leftovers ------------------------------------------------------
     async def clear_node(self, node: str) -> int:

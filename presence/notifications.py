@@ -113,7 +113,7 @@ class Notifier:
             for email, notes in delivered.items():
                 self.metrics.notifications_delivered.inc(self.hub.notify(email, notes))
             await self.store.log_change(self.node, self.clock.seconds(),
-                                        changelog.encode([], extra={"notify": delivered}))
+                                        changelog.encode([], extras=[{"notify": delivered}]))
         return results
 
     async def waiting(self, email: str) -> list[Notification]:

@@ -254,3 +254,25 @@ async def test_closing_an_application_reaches_its_streams_on_other_nodes(sqlite_
     for change in await sqlite_store.changes_since(seen):
         w.hub.apply(change)
     assert peer.closed == (errors.CLOSE_REVOKED, "deactivated")
+
+
+@pytest_twisted.ensureDeferred
+async def test_changes_arriving_together_are_committed_together_in_order(sqlite_store):
+    from twisted.internet.defer import ensureDeferred, gatherResults
+
+    w = World(sqlite_store)
+    app, peer = await w.app("app")
+    links = []
+    for i in range(50):
+        await w.grant(f"p{i}@x.org", app)
+        links.append(await w.hub.attach(f"p{i}@x.org", "phone", None, ListPeer()))
+    seen = await sqlite_store.last_change()
+    first = links[0]
+    await gatherResults([ensureDeferred(w.hub.set_status(link, "online")) for link in links]
+                        + [ensureDeferred(w.hub.set_status(first, s)) for s in ("unavailable", "offline")])
+    logged = await sqlite_store.changes_since(seen)
+    assert 1 < len(logged) < 10          # the first alone, the rest grouped
+    assert (await sqlite_store.get_status("p0@x.org")).status == "offline"   # arrival order kept
+    assert (await sqlite_store.get_status("p49@x.org")).status == "online"
+    got = w.received(peer)
+    assert len(got) == 50 and ("p0@x.org", "offline") in got and ("p1@x.org", "online") in got

@@ -719,7 +719,7 @@ async def test_queued_updates_are_for_apps_no_node_holds(store):
     logged = (await store.changes_since(change.seq - 1))[0]
     updates, queued, extra = changelog.decode(logged.payload)
     assert sorted(u.app_id for u in updates) == ["absent", "held", "other"]
-    assert (queued, extra) == (frozenset({"absent", "other"}), {})
+    assert (queued, extra) == (frozenset({"absent", "other"}), [])
 
     # A newer update already waiting (by its time) is kept over an older change.
     await store.queue_pending([pending("other", "p@x", "online", at=100.0, uid="other-p@x")])
@@ -761,7 +761,7 @@ async def test_change_log_numbers_and_payloads_of_person_changes(store):
                                                          (3, "node3", 4.0), (4, "node1", 5.0)]
     updates, queued, extra = changelog.decode(logged[1].payload)
     assert updates == [Update("app1", "p@x", "app1-p@x", "offline", 3.0)]
-    assert (queued, extra) == (frozenset({"app1"}), {})
+    assert (queued, extra) == (frozenset({"app1"}), [])
     assert logged[1].payload == changelog.encode(second.updates, second.queued)
 
 
@@ -776,7 +776,7 @@ async def test_extra_alone_logs_a_change_without_updates(store):
     assert (await store.list_devices("p@x"))[0].session == "new"
     logged = await store.changes_since(1)
     assert [(c.seq, c.origin, c.at) for c in logged] == [(2, "node2", 2.0)]
-    assert changelog.decode(logged[0].payload) == ([], frozenset(), takeover)
+    assert changelog.decode(logged[0].payload) == ([], frozenset(), [takeover])
 
     # With a mutate that changes nothing at all, too; and together with updates.
     change = await store.change_person("p@x", nothing, "node1", 3.0, extra={"note": 1})
@@ -784,7 +784,7 @@ async def test_extra_alone_logs_a_change_without_updates(store):
     change = await store.change_person("p@x", drop("phone"), "node1", 4.0, extra={"note": 2})
     assert change.seq == 4
     assert changelog.decode((await store.changes_since(3))[0].payload) == (
-        [Update("app1", "p@x", "app1-p@x", "offline", 4.0)], frozenset({"app1"}), {"note": 2})
+        [Update("app1", "p@x", "app1-p@x", "offline", 4.0)], frozenset({"app1"}), [{"note": 2}])
     # An empty extra is no extra.
     assert (await store.change_person("p@x", nothing, "node1", 5.0, extra={})).seq is None
     assert await store.last_change() == 4
@@ -1129,7 +1129,7 @@ async def test_postgres_two_nodes_changing_one_person_at_once(postgres_url):
         for key, change in changes.items():
             assert counted[key] == change.seq, key  # log order is the order of the person's lock
             entry = logged[change.seq - 1]
-            assert (entry.origin, changelog.decode(entry.payload)[2]) == (key[0], {"call": list(key)})
+            assert (entry.origin, changelog.decode(entry.payload)[2]) == (key[0], [{"call": list(key)}])
 
         # The devices: the shared counter saw all 40, each node's device has its last committed status.
         devices = {d.device: d for d in await setup.list_devices("p@x")}
@@ -1366,3 +1366,46 @@ async def test_postgres_concurrent_calls_share_the_pool(postgres_url):
         assert await s.emails_on_node("node1") == [f"{i:02}@x" for i in range(30)]
     finally:
         await s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_of_changes_is_one_transaction_and_one_logged_change(store):
+    """Group commit: several people, one of them twice, applied in order, written once, logged once."""
+    await granted(store, "p@x", "app1")
+    await granted(store, "q@x", "app1")
+    seq = await store.last_change()
+    changes = await store.change_people([
+        ("p@x", put(dev("p@x", "phone", "online")), None),
+        ("q@x", put(dev("q@x", "laptop", "unavailable")), {"takeover": ["q@x", "laptop", "s1"]}),
+        ("p@x", put(dev("p@x", "phone", "offline")), None),
+        ("q@x", nothing, None),
+    ], "node1", 7.0)
+    assert [[(u.email, u.status) for u in c.updates] for c in changes] == [
+        [("p@x", "online")], [("q@x", "unavailable")], [("p@x", "offline")], []]
+    assert [c.seq for c in changes] == [seq + 1, seq + 1, seq + 1, None]
+    assert [c.devices for c in changes][2] == {"phone": dev("p@x", "phone", "offline")}
+    logged = await store.changes_since(seq)
+    assert len(logged) == 1
+    updates, queued, extras = changelog.decode(logged[0].payload)
+    assert [(u.email, u.status) for u in updates] == [("p@x", "online"), ("q@x", "unavailable"), ("p@x", "offline")]
+    assert extras == [{"takeover": ["q@x", "laptop", "s1"]}]
+    # the final state is what was written, and the waiting queue kept the newest per person
+    assert [d.status for d in await store.list_devices("p@x")] == ["offline"]
+    assert (await store.get_status("q@x")).status == "unavailable"
+    waiting = {(p.email, p.status) for p in await store.take_pending("app1", 0)}
+    assert waiting == {("p@x", "offline"), ("q@x", "unavailable")}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_batch_changes_nothing(store):
+    await store.change_person("p@x", put(dev("p@x", "phone", "online")), "node1", 1.0)
+    seq = await store.last_change()
+
+    def broken(current):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        await store.change_people([("p@x", put(dev("p@x", "phone", "offline")), None),
+                                   ("q@x", broken, None)], "node1", 2.0)
+    assert [d.status for d in await store.list_devices("p@x")] == ["online"]
+    assert await store.last_change() == seq

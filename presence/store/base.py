@@ -217,6 +217,11 @@ class Store(Protocol):
         views changed, queue those updates for the applications no node holds, and append the change
         (with ``extra`` fields) to the change log, numbered in commit order."""
 
+    async def change_people(self, changes: list[tuple[str, Callable[[dict[str, Device]], None], Mapping | None]],
+                            node: str, now: float) -> list[PersonChange]:
+        """Several (email, mutate, extra) changes as change_person does them, in order, in one
+        transaction (group commit), logged as one change; one PersonChange per change."""
+
     async def emails_on_node(self, node: str) -> list[str]:
         """People with a device record on a node (to clean up after it)."""
 

@@ -105,7 +105,10 @@ class PostgresStore(SQLStore):
     dialect = "postgres"
     migration_lock = f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})"
     # The two-key form: its keys never collide with the one-key migration lock.
-    person_lock = "SELECT pg_advisory_xact_lock(1, hashtext(?))"
+    # Every person of a batch, in the order of their lock keys, so two nodes locking overlapping
+    # batches never wait on each other in a cycle.
+    person_lock = ("SELECT count(pg_advisory_xact_lock(1, h)) FROM"
+                   " (SELECT DISTINCT hashtext(e) AS h FROM unnest(?::text[]) AS e ORDER BY h) AS keys")
     notify = "SELECT pg_notify('presence', ?)"
 
     def __init__(self, url: str, reactor=None, pool_size: int = 3, connect_timeout: float = 10.0):

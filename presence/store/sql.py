@@ -57,6 +57,8 @@ PENDING_COLUMNS = "app_id, email, uid, status, at"
 
 # Rows per INSERT when queueing pending updates: well below SQLite's limit on bound parameters.
 PENDING_BATCH = 500
+# Values per IN (...) list or multi-row INSERT of a batch of changes.
+IN_BATCH = 500
 
 
 def _time(value: float | None) -> float | None:
@@ -281,49 +283,88 @@ class SQLStore(WebQueries):
 
     # -- people --------------------------------------------------------------------------------
     async def change_person(self, email: str, mutate, node: str, now: float, extra=None) -> PersonChange:
+        return (await self.change_people([(email, mutate, extra)], node, now))[0]
+
+    async def change_people(self, changes, node: str, now: float) -> list[PersonChange]:
+        """Several changes in one transaction (group commit): the people are locked and read with one
+        statement each, the changes applied in order in memory, each person's final devices written
+        once, and the whole batch logged as one change."""
+        emails = sorted({email for email, _, _ in changes})
+
         def interaction():
             if self.person_lock:
-                yield self.person_lock, (email,)
-            rows = yield f"SELECT {DEVICE_COLUMNS} FROM devices WHERE email = ?", (email,)
-            before = {d.device: d for d in map(_device, rows)}
-            rows = yield f"SELECT {GRANT_COLUMNS} FROM grants WHERE email = ?", (email,)
-            grants = [_record(Grant, row) for row in rows]
-            after = dict(before)
-            mutate(after)
-            for device_id in before.keys() - after.keys():
-                yield "DELETE FROM devices WHERE email = ? AND device = ?", (email, device_id)
-            for device_id, device in after.items():
-                if before.get(device_id) != device:
-                    yield (
-                        f"INSERT INTO devices ({DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-                        " ON CONFLICT (email, device) DO UPDATE SET node = excluded.node, status = excluded.status,"
-                        " last_seen = excluded.last_seen, session = excluded.session, scope = excluded.scope,"
-                        " overrides = excluded.overrides",
-                        _device_row(device),
-                    )
-            status = views.overall(after.values())
-            if status != views.overall(before.values()):
-                yield (
-                    "INSERT INTO statuses (email, status, changed_at) VALUES (?, ?, ?) ON CONFLICT (email)"
-                    " DO UPDATE SET status = excluded.status, changed_at = excluded.changed_at",
-                    (email, status, now),
-                )
-            updates = views.changes(before.values(), after.values(), grants, now)
-            if not updates and not extra:
-                return PersonChange([], frozenset(), None, after)
+                yield self.person_lock, (emails,)
+            devices: dict[str, dict[str, Device]] = {email: {} for email in emails}
+            for start in range(0, len(emails), IN_BATCH):
+                part = emails[start:start + IN_BATCH]
+                rows = yield f"SELECT {DEVICE_COLUMNS} FROM devices WHERE email IN {_in(part)}", tuple(part)
+                for device in map(_device, rows):
+                    devices[device.email][device.device] = device
+            grants: dict[str, list[Grant]] = {email: [] for email in emails}
+            for start in range(0, len(emails), IN_BATCH):
+                part = emails[start:start + IN_BATCH]
+                rows = yield f"SELECT {GRANT_COLUMNS} FROM grants WHERE email IN {_in(part)} ORDER BY email, app_id", tuple(part)
+                for grant in (_record(Grant, row) for row in rows):
+                    grants[grant.email].append(grant)
+            initial = {email: dict(d) for email, d in devices.items()}
+            results: list[tuple[list, dict]] = []
+            extras = []
+            for email, mutate, extra in changes:
+                before = devices[email]
+                after = dict(before)
+                mutate(after)
+                devices[email] = after
+                results.append((views.changes(before.values(), after.values(), grants[email], now), after))
+                if extra:
+                    extras.append(extra)
+            yield from self._write_devices(initial, devices, now)
+            updates = [u for person_updates, _ in results for u in person_updates]
             queued: frozenset[str] = frozenset()
             if updates:
                 app_ids = sorted({u.app_id for u in updates})
                 rows = yield f"SELECT DISTINCT app_id FROM subscriptions WHERE app_id IN {_in(app_ids)}", tuple(app_ids)
                 queued = frozenset(app_ids) - {row[0] for row in rows}
-                waiting = [u for u in updates if u.app_id in queued]
+                waiting = [(u.app_id, u.email, u.uid, u.status, u.at) for u in updates if u.app_id in queued]
                 if waiting:
-                    yield from self._queue(
-                        [(u.app_id, u.email, u.uid, u.status, u.at) for u in waiting])
-            seq = yield from self._log(node, now, changelog.encode(updates, queued, extra))
-            return PersonChange(updates, queued, seq, after)
+                    yield from self._queue(waiting)
+            seq = None
+            if updates or extras:
+                seq = yield from self._log(node, now, changelog.encode(updates, queued, extras))
+            return [PersonChange(person_updates, queued & {u.app_id for u in person_updates},
+                                 seq if person_updates or extra else None, after)
+                    for (person_updates, after), (_, _, extra) in zip(results, changes)]
 
         return await self._transaction(interaction())
+
+    def _write_devices(self, initial: dict, final: dict, now: float):
+        """Each person's final devices, written once: deletes, one multi-row upsert, and the overall
+        statuses that changed."""
+        upserts, statuses = [], []
+        for email, after in final.items():
+            before = initial[email]
+            for device_id in before.keys() - after.keys():
+                yield "DELETE FROM devices WHERE email = ? AND device = ?", (email, device_id)
+            upserts += [_device_row(d) for device_id, d in after.items() if before.get(device_id) != d]
+            status = views.overall(after.values())
+            if status != views.overall(before.values()):
+                statuses.append((email, status, now))
+        for start in range(0, len(upserts), IN_BATCH):
+            part = upserts[start:start + IN_BATCH]
+            yield (
+                f"INSERT INTO devices ({DEVICE_COLUMNS}) VALUES "
+                + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(part))
+                + " ON CONFLICT (email, device) DO UPDATE SET node = excluded.node, status = excluded.status,"
+                " last_seen = excluded.last_seen, session = excluded.session, scope = excluded.scope,"
+                " overrides = excluded.overrides",
+                tuple(v for row in part for v in row),
+            )
+        for start in range(0, len(statuses), IN_BATCH):
+            part = statuses[start:start + IN_BATCH]
+            yield (
+                "INSERT INTO statuses (email, status, changed_at) VALUES " + ", ".join(["(?, ?, ?)"] * len(part))
+                + " ON CONFLICT (email) DO UPDATE SET status = excluded.status, changed_at = excluded.changed_at",
+                tuple(v for row in part for v in row),
+            )
 
     def _log(self, origin: str, now: float, payload: str):
         # The counter's row stays locked until commit, so numbers are taken in commit order: a node
