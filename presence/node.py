@@ -70,7 +70,8 @@ class Node(Service):
         if hasattr(self.store, "instrument"):
             self.store.instrument(self.metrics.observe_store)
         self.streams = Streams(self.store, reactor, config.node, config.batch_window, config.pending_ttl,
-                               config.slow_limit, config.slow_timeout, metrics=self.metrics)
+                               config.slow_limit, config.slow_timeout, metrics=self.metrics,
+                               max_message=config.max_message)
         self.hub = Hub(self.store, self.streams, reactor, config.node, config.grace)
         self.shared = config.database.startswith(("postgresql:", "postgres:"))
         self.feed = ChangeFeed(self.store, reactor, self._apply, listen_url=config.database if self.shared else None,

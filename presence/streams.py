@@ -33,6 +33,17 @@ def encode(updates: Iterable[Update]) -> bytes:
     return json.dumps([u.as_json() for u in updates], separators=(",", ":")).encode("utf-8")
 
 
+def encode_lists(updates: list[Update], limit: int) -> list[bytes]:
+    """The updates as one list, or as several lists of at most ``limit`` bytes each: a peer refuses
+    larger messages (and Autobahn refuses to send them), which would lose what was taken from the
+    waiting queue."""
+    payload = encode(updates)
+    if len(payload) <= limit or len(updates) == 1:
+        return [payload]
+    half = len(updates) // 2
+    return encode_lists(updates[:half], limit) + encode_lists(updates[half:], limit)
+
+
 class Sink(Protocol):
     def send(self, message: Any) -> None:
         """``message``: the payload bytes, or what ``Streams.prepare`` made of them (a websocket
@@ -66,7 +77,9 @@ class Subscriber:
         limit: int,
         timeout: float,
         on_overflow: Callable[["Subscriber"], None],
+        max_message: int = 64 * 1024,
     ):
+        self.max_message = max_message
         self.app_id = app_id
         self.sink = sink
         self.clock = clock
@@ -121,7 +134,8 @@ class Subscriber:
         if self.backlog and not self.closed:
             updates = sorted(self.backlog.values(), key=lambda u: u.at)
             self.backlog = {}
-            self.sink.send(encode(updates))
+            for payload in encode_lists(updates, self.max_message):
+                self.sink.send(payload)
 
     def _cancel_stall(self) -> None:
         if self._stall is not None and self._stall.active():
@@ -159,7 +173,9 @@ class Streams:
         slow_timeout: float = 30.0,
         retry_delay: float = 5.0,
         metrics: Metrics | None = None,
+        max_message: int = 64 * 1024,
     ):
+        self.max_message = max_message
         self.metrics = metrics or Metrics()
         self.prepare: Callable[[bytes], Any] = lambda payload: payload
         self.store = store
@@ -210,9 +226,15 @@ class Streams:
         updates, channel.batch = list(channel.batch.values()), {}
         if not updates:
             return
-        message = self.prepare(encode(updates))
-        for subscriber in list(channel.subscribers):
-            subscriber.push(message, updates)
+        payloads = encode_lists(updates, self.max_message)
+        if len(payloads) == 1:
+            message = self.prepare(payloads[0])
+            for subscriber in list(channel.subscribers):
+                subscriber.push(message, updates)
+        else:
+            for subscriber in list(channel.subscribers):
+                for payload in payloads:
+                    subscriber.push(payload, updates)
         m = self.metrics
         m.updates_delivered.inc(len(updates) * len(channel.subscribers))
         m.batch_size.observe(len(updates))
@@ -223,7 +245,8 @@ class Streams:
     # -- connections --------------------------------------------------------------------------
     async def subscribe(self, app_id: str, sink: Sink) -> Subscriber:
         """Attach a connection; it first receives what waited for the application, then live changes."""
-        subscriber = Subscriber(app_id, sink, self.clock, self.slow_limit, self.slow_timeout, self._overflowed)
+        subscriber = Subscriber(app_id, sink, self.clock, self.slow_limit, self.slow_timeout, self._overflowed,
+                                self.max_message)
         self.channels.setdefault(app_id, _Channel()).subscribers.append(subscriber)
         try:
             # Registered before taking what waits: a change made after this goes to a connection.

@@ -300,3 +300,21 @@ async def test_a_client_that_never_finishes_the_handshake_is_dropped(running):
     timer.cancel()
     # and it still serves others
     await running.device("a@example.com")
+
+
+@pytest.mark.parametrize("running", [{"max_message": 8192}], indirect=True)
+@pytest_twisted.ensureDeferred
+async def test_a_waiting_queue_larger_than_one_message_arrives_whole(running):
+    """Regression: what waited was sent as one message over --max-message, refused, and lost."""
+    from presence.store import PendingUpdate
+
+    app, key = await running.app()
+    now = running.node.reactor.seconds()
+    await running.node.store.queue_pending([PendingUpdate(app.app_id, f"p{i}@example.com", f"u{i}", "online",
+                                                          now - 1 + i / 10_000) for i in range(400)])
+    stream = await running.stream(app, key)
+    got = []
+    while len(got) < 400:
+        got += statuses(await stream.receive())
+    assert sorted(got) == sorted((f"p{i}@example.com", "online") for i in range(400))
+    assert await running.node.store.count_pending(app.app_id) == 0

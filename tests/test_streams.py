@@ -159,3 +159,28 @@ async def test_a_slow_reader_closed_for_overflow_loses_nothing(sqlite_store):
     await streams.flush()
     assert sorted(p.email for p in await sqlite_store.take_pending("app", 0)) == ["p@x", "q@x"]
     assert streams.connection_count() == 1
+
+
+def test_a_large_list_is_split_under_the_message_limit():
+    from presence.streams import encode_lists
+
+    updates = [upd(f"person{i}@example.com", "online", i) for i in range(1000)]
+    payloads = encode_lists(updates, 4096)
+    assert len(payloads) > 1 and all(len(p) <= 4096 for p in payloads)
+    import json
+
+    assert [u["email"] for p in payloads for u in json.loads(p)] == [u.email for u in updates]
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_waiting_changes_arrive_in_messages_under_the_limit(sqlite_store):
+    """Regression: a waiting queue larger than --max-message was taken from the store and lost."""
+    clock = Clock()
+    clock.advance(1000)
+    streams = Streams(sqlite_store, clock, max_message=4096)
+    await sqlite_store.queue_pending([PendingUpdate("app", f"p{i}@x", f"u{i}", "online", 900 + i / 1000)
+                                      for i in range(500)])
+    peer = ListPeer()
+    await streams.subscribe("app", peer)
+    assert len(peer.sent) > 1
+    assert sorted(u["email"] for batch in peer.sent for u in batch) == sorted(f"p{i}@x" for i in range(500))
