@@ -81,13 +81,16 @@ class Hub:
         self.by_email.setdefault(email, {})[device_id] = link
         now = self.clock.seconds()
 
-        def take(devices: dict[str, Device]) -> None:
+        def take(devices: dict[str, Device]) -> dict | None:
             previous = devices.get(device_id)
             devices[device_id] = Device(
                 email, device_id, self.node, previous.status if previous else OFFLINE, now, link.session, scope,
                 previous.overrides if previous else {})
+            if previous is not None and previous.node not in ("", self.node):
+                return {"takeover": [email, device_id, link.session]}  # tell the node that had it
+            return None
 
-        await self._change(email, take, {"takeover": [email, device_id, link.session]})
+        await self._change(email, take)
         return link
 
     async def set_status(self, link: Link, status: str, app_ids: frozenset[str] | None = None) -> None:

@@ -213,7 +213,7 @@ class Store(Protocol):
                             now: float, extra: Mapping | None = None) -> PersonChange:
         """In one transaction, with the person locked against other nodes: read their devices and
         grants, let ``mutate`` change the dict of devices (device id -> Device: replace, add or delete
-        entries), write the result and the person's overall status, work out which applications'
+        entries; it may return extra fields to log, like ``extra``), write the result and the person's overall status, work out which applications'
         views changed, queue those updates for the applications no node holds, and append the change
         (with ``extra`` fields) to the change log, numbered in commit order."""
 

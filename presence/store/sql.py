@@ -309,10 +309,14 @@ class SQLStore(WebQueries):
             initial = {email: dict(d) for email, d in devices.items()}
             results: list[tuple[list, dict]] = []
             extras = []
+            logged_extras = []
             for email, mutate, extra in changes:
                 before = devices[email]
                 after = dict(before)
-                mutate(after)
+                said = mutate(after)
+                if said:
+                    extra = {**(extra or {}), **said}
+                logged_extras.append(extra)
                 devices[email] = after
                 results.append((views.changes(before.values(), after.values(), grants[email], now), after))
                 if extra:
@@ -332,7 +336,7 @@ class SQLStore(WebQueries):
                 seq = yield from self._log(node, now, changelog.encode(updates, queued, extras))
             return [PersonChange(person_updates, queued & {u.app_id for u in person_updates},
                                  seq if person_updates or extra else None, after)
-                    for (person_updates, after), (_, _, extra) in zip(results, changes)]
+                    for (person_updates, after), extra in zip(results, logged_extras)]
 
         return await self._transaction(interaction())
 
