@@ -36,6 +36,10 @@ class _Backpressure:
         pass
 
 
+_HANDSHAKE_LEFTOVERS = ("http_request_data", "http_headers", "http_request_params", "http_response_data",
+                        "http_status_line", "http_request_uri", "websocket_extensions", "websocket_protocols")
+
+
 class PresenceServerProtocol(WebSocketServerProtocol):
     session: Session | None = None
 
@@ -45,6 +49,9 @@ class PresenceServerProtocol(WebSocketServerProtocol):
         return None
 
     def onOpen(self) -> None:
+        # The opening handshake is over: its request and headers are not needed any more.
+        for name in _HANDSHAKE_LEFTOVERS:
+            self.__dict__.pop(name, None)
         self.factory.open_connections.add(self)
         self.factory.metrics.connections[self.session.kind].inc()
         self.transport.registerProducer(_Backpressure(self.session), True)
@@ -102,6 +109,11 @@ class PresenceServerFactory(WebSocketServerFactory):
             autoPingTimeout=ping_interval,
             perMessageCompressionAccept=lambda offers: None,
         )
+
+        # Autobahn copies every setting (about thirty) into each connection unless the protocol class
+        # has it already: give this factory a protocol class that holds them, once.
+        settings = {name: getattr(self, name) for name in PresenceServerProtocol.CONFIG_ATTRS}
+        self.protocol = type("PresenceServerProtocol", (PresenceServerProtocol,), {**settings, "CONFIG_ATTRS": ()})
 
     def close_all(self, code: int, reason: str) -> None:
         for protocol in list(self.open_connections):
