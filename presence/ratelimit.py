@@ -6,6 +6,7 @@ from twisted.internet.interfaces import IReactorTime
 
 
 class TokenBucket:
+    __slots__ = ("rate", "burst", "clock", "tokens", "stamp")
     def __init__(self, rate: float, burst: int, clock: IReactorTime):
         self.rate = rate
         self.burst = burst

@@ -16,6 +16,7 @@ from presence.ws.session import Peer, Session, log
 
 class AppSession(Session):
     kind = "application"
+    __slots__ = ("notifier", "app", "app_id", "apps", "streams", "subscriber", "_authenticating")
 
     def __init__(self, peer: Peer, app_id: str, apps: Applications, streams: Streams, clock: IReactorTime,
                  auth_timeout: float, metrics: Metrics, notifier: Any):

@@ -20,6 +20,7 @@ MAX_DEVICE_ID = 128
 
 class DeviceSession(Session):
     kind = "device"
+    __slots__ = ("hub", "verifier", "notifier", "bucket", "device", "session_id")
 
     def __init__(self, peer: Peer, hub: Hub, verifier: Any, clock: IReactorTime, auth_timeout: float,
                  rate: float, burst: int, metrics: Metrics, notifier: Any):

@@ -7,6 +7,7 @@ import json
 from typing import Any, Callable
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import TrafficStats
 from autobahn.websocket.types import ConnectionDeny
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
@@ -36,6 +37,7 @@ class _Backpressure:
         pass
 
 
+_SHARED_TRAFFIC = TrafficStats()
 _HANDSHAKE_LEFTOVERS = ("http_request_data", "http_headers", "http_request_params", "http_response_data",
                         "http_status_line", "http_request_uri", "websocket_extensions", "websocket_protocols")
 
@@ -52,6 +54,9 @@ class PresenceServerProtocol(WebSocketServerProtocol):
         # The opening handshake is over: its request and headers are not needed any more.
         for name in _HANDSHAKE_LEFTOVERS:
             self.__dict__.pop(name, None)
+        # Autobahn counts octets and frames into these unconditionally; nobody reads them here,
+        # so all connections share one object instead of a dozen counters each.
+        self.trafficStats = _SHARED_TRAFFIC
         self.factory.open_connections.add(self)
         self.factory.metrics.connections[self.session.kind].inc()
         self.transport.registerProducer(_Backpressure(self.session), True)

@@ -53,6 +53,8 @@ class Session:
 
     max_waiting = 32
     kind = ""   # "device" or "application", for metrics
+    # One of these per connection: slots keep it small.
+    __slots__ = ("peer", "clock", "auth_timeout", "metrics", "closed", "_tail", "_waiting", "_deadline")
 
     def __init__(self, peer: Peer, clock: IReactorTime, auth_timeout: float, metrics: Metrics):
         self.peer = peer
