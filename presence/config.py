@@ -49,6 +49,10 @@ class Config:
     node_timeout: float = 30.0
     log_retention: float = 600.0
 
+    # Garbage collection (full collections stop the node while they run).
+    gc_freeze: float = 30.0
+    gc_compact: float = 3600.0
+
     # Websocket hygiene.
     max_message: int = 64 * 1024
     handshake_timeout: float = 10.0

@@ -6,6 +6,7 @@ bound once, here: a hot path holds the bound child and only calls ``inc()`` or `
 
 from __future__ import annotations
 
+from time import perf_counter
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -89,6 +90,12 @@ class Metrics:
         self._store_seconds = {op: store_seconds.labels(op) for op in ops}
         self._store_errors = {op: store_errors.labels(op) for op in ops}
 
+        self.gc_pause = Histogram("presence_gc_pause_seconds",
+                                  "Garbage collections, by how long they stopped the node", ["generation"],
+                                  buckets=LATENCY_BUCKETS, registry=r)
+        self._gc_pause = {g: self.gc_pause.labels(str(g)) for g in range(3)}
+        self._gc_started = 0.0
+
         self.bus_changes = Counter("presence_bus_changes_total", "Changes of other nodes applied from the log",
                                    registry=r)
         self.bus_replays = Counter("presence_bus_replays_total",
@@ -101,6 +108,13 @@ class Metrics:
         self._store_seconds[op].observe(seconds)
         if not ok:
             self._store_errors[op].inc()
+
+    def gc_callback(self, phase: str, info: dict) -> None:
+        """For gc.callbacks: a full collection stops everything, so operators should see it."""
+        if phase == "start":
+            self._gc_started = perf_counter()
+        else:
+            self._gc_pause[info["generation"]].observe(perf_counter() - self._gc_started)
 
     def watch(self, gauge: Gauge, read: Callable[[], float]) -> None:
         """A gauge read at scrape time (counts the node already keeps)."""

@@ -14,6 +14,7 @@ drain-time + grace + a few seconds.
 
 from __future__ import annotations
 
+import gc
 import re
 from typing import Any
 
@@ -97,6 +98,10 @@ class Node(Service):
         self.metrics_port: Any = None
         self._expiry = LoopingCall(self._expire_pending)
         self._expiry.clock = reactor
+        self._gc_freeze = LoopingCall(gc.freeze)
+        self._gc_freeze.clock = reactor
+        self._gc_compact = LoopingCall(self._compact_memory)
+        self._gc_compact.clock = reactor
         self._started: Deferred | None = None
         self._stopping = False
         self.ready = False
@@ -186,9 +191,32 @@ class Node(Service):
             Site(Front(self, pages=self.web.resource())))
         self.ws_port = await endpoints.serverFromString(self.reactor, self.config.ws).listen(self.ws_factory)
         self.ready = True
+        self._settle_memory()
         log.info("presence node {node} ready: pages on {web}, websockets on {ws}", node=self.config.node,
                  web=self.config.web, ws=self.config.ws, event="node.ready")
         systemd.ready(f"serving: pages on {self.config.web}, websockets on {self.config.ws}")
+
+    def _settle_memory(self) -> None:
+        """Keep full garbage collections short: they stop the node while they walk every object.
+
+        What start-up made lives as long as the node: collect once, then freeze it. After that,
+        every --gc-freeze seconds what has lived that long (connections, mostly) is frozen too, so
+        full collections only walk what is new. Closed connections are freed by reference counting
+        (their cycles are broken on close); what cyclic garbage a frozen object still leaves is
+        collected by one full collection every --gc-compact seconds."""
+        if self.metrics.gc_callback not in gc.callbacks:
+            gc.callbacks.append(self.metrics.gc_callback)
+        gc.collect()
+        gc.freeze()
+        if self.config.gc_freeze > 0:
+            self._gc_freeze.start(self.config.gc_freeze, now=False)
+        if self.config.gc_compact > 0:
+            self._gc_compact.start(self.config.gc_compact, now=False)
+
+    def _compact_memory(self) -> None:
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
 
     async def _expire_pending_async(self) -> None:
         now = self.reactor.seconds()
@@ -227,7 +255,7 @@ class Node(Service):
                 await port.stopListening()
         if self.web is not None:
             self.web.stop()
-        for loop in (self._expiry, self._heartbeat):
+        for loop in (self._expiry, self._heartbeat, self._gc_freeze, self._gc_compact):
             if loop.running:
                 loop.stop()
         if self.ready:
@@ -243,6 +271,8 @@ class Node(Service):
             log.error("could not leave the node registry: {why}", why=e, event="cluster.leave_failed")
         self.feed.stop()
         await self.store.close()
+        if self.metrics.gc_callback in gc.callbacks:
+            gc.callbacks.remove(self.metrics.gc_callback)
         log.info("presence node {node} stopped", node=self.config.node, event="node.stopped")
 
     async def _drain(self) -> None:

@@ -42,6 +42,8 @@ SETTINGS: list[tuple[str, str]] = [
     ("heartbeat", "seconds between this node's heartbeats in the database"),
     ("node_timeout", "seconds without a heartbeat after which a node counts as dead and a survivor cleans up after it"),
     ("log_retention", "seconds the change log keeps changes for nodes that reconnect and replay"),
+    ("gc_freeze", "seconds between freezing long-lived objects out of garbage collection (0: only at start)"),
+    ("gc_compact", "seconds between full garbage collections of frozen objects (one pause each; 0: never)"),
     ("max_message", "largest websocket message accepted, in bytes"),
     ("handshake_timeout", "seconds a client has to finish the websocket opening handshake"),
     ("ping_interval", "seconds between websocket pings (0: none); a peer that does not answer is dropped"),

@@ -318,3 +318,35 @@ async def test_a_waiting_queue_larger_than_one_message_arrives_whole(running):
         got += statuses(await stream.receive())
     assert sorted(got) == sorted((f"p{i}@example.com", "online") for i in range(400))
     assert await running.node.store.count_pending(app.app_id) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_closed_connections_leave_no_cyclic_garbage(running):
+    """Frozen long-lived objects (--gc-freeze) are only safe if a closed connection frees itself by
+    reference counting: no cycle may hold a protocol or a session."""
+    import gc
+
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    from presence.ws.session import Session
+
+    app, key = await running.app("alice@example.com")
+    stream = await running.stream(app, key)
+    phone = await running.device("alice@example.com")
+    await running.status(phone, "online")
+    await stream.receive()
+    idle = await WSClient.connect(running.ws, "/presence")
+    gc.collect()
+    for client in (stream, phone, idle):
+        client.drop()
+    await deferLater(reactor, 1.0, lambda: None)   # past the grace period
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        leaked = [type(o).__name__ for o in gc.garbage
+                  if isinstance(o, Session) or type(o).__name__ == "PresenceServerProtocol"]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert leaked == []

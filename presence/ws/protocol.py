@@ -68,6 +68,14 @@ class PresenceServerProtocol(WebSocketServerProtocol):
         else:
             self.session.received(payload.decode("utf-8"))  # Autobahn has validated the UTF-8
 
+    def connectionLost(self, reason) -> None:
+        super().connectionLost(reason)
+        # Break the cycles through this protocol (its transport; is_closed, resolved with the
+        # protocol itself) so that reference counting frees a closed connection at once, without
+        # waiting for (or surviving a freeze of) the garbage collector.
+        self.transport = None
+        self.is_open = self.is_closed = None
+
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self in self.factory.open_connections:
             self.factory.open_connections.discard(self)
