@@ -75,6 +75,8 @@ class Node(Service):
                                max_message=config.max_message)
         self.hub = Hub(self.store, self.streams, reactor, config.node, config.grace)
         self.shared = config.database.startswith(("postgresql:", "postgres:"))
+        if not self.shared and hasattr(self.store, "log_changes"):
+            self.store.log_changes = False   # alone on its database: nobody reads a change log
         self.feed = ChangeFeed(self.store, reactor, self._apply, listen_url=config.database if self.shared else None,
                                metrics=self.metrics)
         self.metrics.watch(self.metrics.bus_connected, lambda: 1 if self.feed.connected else 0)

@@ -156,7 +156,6 @@ class Subscriber:
 class _Channel:
     subscribers: list[Subscriber] = field(default_factory=list)
     batch: dict[str, Update] = field(default_factory=dict)
-    timer: IDelayedCall | None = None
 
 
 class Streams:
@@ -187,6 +186,8 @@ class Streams:
         self.slow_timeout = slow_timeout
         self.retry_delay = retry_delay
         self.channels: dict[str, _Channel] = {}
+        self._due: set[str] = set()            # applications with a gathered batch
+        self._timer: IDelayedCall | None = None
         # Applications whose last connection here left recently: the registry may still have said we
         # hold them when a change was made, so its updates are queued here instead.
         self.recently_left: dict[str, float] = {}
@@ -204,10 +205,18 @@ class Streams:
             channel = self.channels.get(update.app_id)
             if channel is not None:
                 channel.batch[update.email] = update
-                if channel.timer is None:
-                    channel.timer = self.clock.callLater(self.batch_window, self._flush, update.app_id)
+                self._due.add(update.app_id)
             elif update.app_id not in queued and self._left_recently(update.app_id):
                 self._keep(update.app_id, [update])
+        if self._due and self._timer is None:
+            # one timer for every application with something to send, not one each
+            self._timer = self.clock.callLater(self.batch_window, self._flush_due)
+
+    def _flush_due(self) -> None:
+        self._timer = None
+        due, self._due = self._due, set()
+        for app_id in due:
+            self._flush(app_id)
 
     def _left_recently(self, app_id: str) -> bool:
         left = self.recently_left.get(app_id)
@@ -222,7 +231,6 @@ class Streams:
         channel = self.channels.get(app_id)
         if channel is None:
             return
-        channel.timer = None
         updates, channel.batch = list(channel.batch.values()), {}
         if not updates:
             return
@@ -271,8 +279,6 @@ class Streams:
             self._keep(subscriber.app_id, left)
         if not channel.subscribers:
             app_id = subscriber.app_id
-            if channel.timer is not None and channel.timer.active():
-                channel.timer.cancel()
             if channel.batch:
                 self._keep(app_id, list(channel.batch.values()))
             del self.channels[app_id]
@@ -330,9 +336,11 @@ class Streams:
 
     async def flush(self) -> None:
         """Send every gathered batch now and wait until the waiting queue is written (clean stop)."""
-        for app_id, channel in list(self.channels.items()):
-            if channel.timer is not None and channel.timer.active():
-                channel.timer.cancel()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._due = set()
+        for app_id in list(self.channels):
             self._flush(app_id)
         while self._writes:
             await DeferredList(list(self._writes), consumeErrors=True)

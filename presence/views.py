@@ -46,8 +46,18 @@ def overall(devices: Iterable[Device]) -> str:
     return most_available(d.status for d in devices)
 
 
+def _plain(devices: list[Device]) -> bool:
+    return all(d.scope is None and not d.overrides for d in devices)
+
+
 def changes(before: Iterable[Device], after: Iterable[Device], grants: Iterable[Grant], at: float) -> list[Update]:
     before, after = list(before), list(after)
+    if _plain(before) and _plain(after):
+        # every application sees the same status: compare once (a person may have granted thousands)
+        old, new = overall(before), overall(after)
+        if old == new:
+            return []
+        return [Update(grant.app_id, grant.email, grant.uid, new, at) for grant in grants]
     updates = []
     for grant in grants:
         new = view(after, grant.app_id)

@@ -116,6 +116,9 @@ class SQLStore(WebQueries):
     person_lock: str | None = None
     #: A statement telling listening nodes a change was logged (its number as the argument).
     notify: str | None = None
+    #: Whether change_people logs changes for other nodes (a node alone on its database does not
+    #: need to: Node turns it off for SQLite).
+    log_changes: bool = True
 
     # -- backend primitives ---------------------------------------------------------------
     async def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
@@ -332,7 +335,7 @@ class SQLStore(WebQueries):
                 if waiting:
                     yield from self._queue(waiting)
             seq = None
-            if updates or extras:
+            if (updates or extras) and self.log_changes:
                 seq = yield from self._log(node, now, changelog.encode(updates, queued, extras))
             return [PersonChange(person_updates, queued & {u.app_id for u in person_updates},
                                  seq if person_updates or extra else None, after)
