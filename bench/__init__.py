@@ -7,5 +7,9 @@ Modules: __main__ (command line), scenarios (what is measured, in order), genera
 generator process), wsclient (the lean websocket client), probe (the event-loop stall probe),
 node (issuer, store seeding, the node process), fleet (talking to the child processes),
 reference_autobahn and reference_floor (the references), report (tables and targets), profile
-(py-spy hot spots). docs/performance.md has the results and how to read them.
+(py-spy hot spots). Two more scenarios, each its own command: crossnode (`python -m bench
+cross-node`: three nodes on one PostgreSQL, devices on A, the application on B and C; pg makes and
+drops its database) and notifications (`python -m bench notify`: an application posting live
+notifications, with poster, to devices on one node). docs/performance.md has the results and how
+to read them.
 """

@@ -3,6 +3,8 @@
     python -m bench run --connections 19000      # the full run (a few minutes)
     python -m bench run --quick                  # 300 connections, short steps (under a minute)
     python -m bench top PROFILE.txt              # hot spots of a py-spy profile (--profile DIR)
+    python -m bench cross-node --rate 200,500,1000,2000 --seconds 10   # 3 nodes on PostgreSQL (issue 4)
+    python -m bench notify --devices 10000       # live notifications on one node (issue 7)
 
 See bench/__init__.py and docs/performance.md.
 """
@@ -62,6 +64,60 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", default=None, help="keep logs, store and configs here (default: a temporary directory)")
     r.add_argument("--keep", action="store_true", help="keep the temporary run directory")
     r.add_argument("--timeout", type=float, default=None, help="stop everything after this many seconds")
+    rates = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+
+    def shared(q: argparse.ArgumentParser, quick: str) -> None:
+        q.add_argument("--quick", action="store_true", help=quick)
+        q.add_argument("--seconds", type=float, default=None, help="length of each rate's step (default 10)")
+        q.add_argument("--drain", type=float, default=5.0, help="seconds a step waits for its last deliveries")
+        q.add_argument("--generators", "-g", type=int, default=2, help="load-generator processes (default 2)")
+        q.add_argument("--max-p50", type=float, default=200.0,
+                       help="a step keeps up while its median latency stays at most this many ms")
+        q.add_argument("--grace", type=float, default=10.0, help="the nodes' --grace")
+        q.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test",
+                       help="an administrative URL of the PostgreSQL server; the bench creates (and drops) its own "
+                            "database there")
+        q.add_argument("--node-arg", dest="node_args", action="append", default=[],
+                       help="one more argument for every `twistd presence` (repeatable)")
+        q.add_argument("--backlog", type=int, default=4096)
+        q.add_argument("--inflight", type=int, default=256, help="handshakes in flight per generator")
+        q.add_argument("--presence-src", default=str(common.ROOT))
+        q.add_argument("--presence-rev", default=None,
+                       help="run the nodes from a clean export of this git revision (e.g. HEAD)")
+        q.add_argument("--profile", type=Path, default=None, help="record the node(s) with py-spy into DIR")
+        q.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                       help="first wait (up to SECONDS) until other processes use under 10%% of a core")
+        q.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+        q.add_argument("--markdown", type=Path, default=None, help="also write the tables as Markdown")
+        q.add_argument("--run-dir", default=None, help="keep logs and configs here (default: a temporary directory)")
+        q.add_argument("--keep", action="store_true", help="keep the temporary run directory")
+        q.add_argument("--timeout", type=float, default=None, help="stop everything after this many seconds")
+
+    x = sub.add_parser("cross-node", help="latency from devices on node A to an application on node B (3 nodes, "
+                                          "one PostgreSQL)")
+    shared(x, "a small run: 60 devices, 100 and 200 changes/s for 2 s each (the smoke test's run)")
+    x.add_argument("--rate", type=rates, default=None,
+                   help="status changes/s sent by the devices on A, comma-separated (default 200,500,1000,2000)")
+    x.add_argument("--devices", type=int, default=None, help="devices on node A (default 2000)")
+    x.add_argument("--heartbeat", type=float, default=1.0, help="the nodes' --heartbeat (default 1)")
+    x.add_argument("--no-observer-c", dest="observer_c", action="store_false",
+                   help="no second application connection on node C")
+    y = sub.add_parser("notify", help="live notifications: an application posts, devices on one node receive")
+    shared(y, "a small run: 200 devices, 500 and 1,000 notifications/s for 2 s each (the smoke test's run)")
+    y.add_argument("--rate", type=rates, default=None,
+                   help="notifications/s posted, comma-separated (default 2500,5000,10000,15000)")
+    y.add_argument("--devices", type=int, default=None, help="devices connected, one person each (default 10000)")
+    y.add_argument("--via", choices=("http", "ws"), default="http",
+                   help="post over HTTP (POST /<appid>/notification, default) or the application's websocket")
+    y.add_argument("--batch", type=int, default=100, help="items per request (the node's limit is 100)")
+    y.add_argument("--poster-connections", type=int, default=8,
+                   help="the application's connections, one request in flight on each (default 8)")
+    y.add_argument("--no-ack", dest="ack", action="store_false", help="devices do not acknowledge what they get")
+    y.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite",
+                   help="the node's store: SQLite (default, as `bench run`) or a fresh PostgreSQL database")
+    y.add_argument("--notify-rate", type=float, default=1_000_000,
+                   help="the node's --notify-rate (default 1000000: the rate limit is not what is measured)")
+    y.add_argument("--notify-burst", type=int, default=1_000_000, help="the node's --notify-burst")
     t = sub.add_parser("top", help="the hot spots of a py-spy raw profile")
     t.add_argument("profile", type=Path)
     t.add_argument("--limit", type=int, default=25)
@@ -88,8 +144,34 @@ def settle(o: argparse.Namespace) -> argparse.Namespace:
     return o
 
 
+def settle_other(o: argparse.Namespace) -> argparse.Namespace:
+    """Defaults of cross-node and notify, which depend on --quick."""
+    if o.command == "cross-node":
+        o.rate = o.rate if o.rate is not None else ([100, 200] if o.quick else [200, 500, 1000, 2000])
+        o.devices = o.devices or (60 if o.quick else 2000)
+    else:
+        o.rate = o.rate if o.rate is not None else ([500, 1000] if o.quick else [2500, 5000, 10000, 15000])
+        o.devices = o.devices or (200 if o.quick else 10000)
+        if o.devices > common.MAX_PER_NODE:
+            sys.exit(f"--devices: one node holds at most {common.MAX_PER_NODE:,} connections")
+    if o.devices < 2 * o.generators:
+        sys.exit("--devices must be at least twice --generators")
+    o.seconds = o.seconds or (2.0 if o.quick else 10.0)
+    o.drain = min(o.drain, 3.0) if o.quick else o.drain
+    o.grace = min(o.grace, 2.0) if o.quick else o.grace
+    o.timeout = o.timeout or (240 if o.quick else 3600)
+    if o.profile:
+        o.profile.mkdir(parents=True, exist_ok=True)
+    return o
+
+
 async def _run(o: argparse.Namespace) -> dict:
-    from bench.scenarios import Bench
+    if o.command == "cross-node":
+        from bench.crossnode import CrossNode as Bench
+    elif o.command == "notify":
+        from bench.notifications import Notify as Bench
+    else:
+        from bench.scenarios import Bench
 
     bench = Bench(o)
     try:
@@ -106,9 +188,14 @@ def main(argv: list[str] | None = None) -> None:
         print(top(o.profile, o.limit))
         return
     common.raise_nofile()
-    o = settle(o)
+    o = settle(o) if o.command == "run" else settle_other(o)
     results = asyncio.run(_run(o))
-    from bench.report import render
+    if o.command == "cross-node":
+        from bench.crossnode import render
+    elif o.command == "notify":
+        from bench.notifications import render
+    else:
+        from bench.report import render
 
     text = render(results)
     print()

@@ -33,6 +33,15 @@ def tp_app(g: int) -> str:
     return f"benchtp{g}"
 
 
+NOTE_APP = "benchnote"               # live notifications: granted by every device, posts to them
+
+
+def note_uid(i: int) -> str:
+    """Device person i's id for NOTE_APP, chosen by the seeder so the poster knows it (22 characters,
+    letters and digits, like the node's own ids)."""
+    return f"n{i:021d}"
+
+
 def device_email(i: int) -> str:
     return f"d{i}@{EMAIL_DOMAIN}"
 

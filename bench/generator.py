@@ -36,6 +36,9 @@ STATUS_FRAMES_TEXT = (b'{"type":"status","status":"online"}', b'{"type":"status"
 UPDATE = re.compile(
     rb'"email":"d(\d+)@[^"]*"[^}]*?"status":"([ou])|"status":"([ou])[^}]*?"email":"d(\d+)@')
 KO = b'"KO"'
+# Live notifications as a device receives them: each item's message carries its send time
+NOTE_STAMP = re.compile(rb'"message":"t([0-9.]+)"')
+NOTE_ID = re.compile(rb'"id":(\d+)')
 
 
 @dataclass(eq=False)
@@ -88,6 +91,19 @@ class Generator:
         self.error_sample = ""
         self.certs: dict[str, str] = {}
         self._sig = ("", 0.0)
+        # cross-node: a second observer connection (on another node), with its own send times
+        self.sent_c: list | None = None
+        self.recording_c: array.array | None = None
+        self.matched_c = 0
+        # live notifications received by devices (role "ndev")
+        self.note_rec: array.array | None = None
+        self.note_got = 0
+        self.note_messages = 0
+        self.note_ack = True
+        self.acks = 0
+        self.ack_replies = 0
+        self.ack_errors = 0
+        self.ack_error_sample = ""
 
     # -- identity ------------------------------------------------------------------------------------
     def load_identity(self, emit) -> None:
@@ -157,6 +173,10 @@ class Generator:
                 if KO in payload:
                     self.device_errors += 1
                     self.error_sample = payload[:200].decode("utf-8", "replace")
+            elif role == "obsc":
+                self._observed_c(payload)
+            elif role == "ndev":
+                self._notified(conn, payload)
         elif flag == AUTHING:
             group = conn.group
             if payload.startswith(b'{"result":"KO"') or payload.startswith(b'{"result":false'):
@@ -239,6 +259,42 @@ class Generator:
             if self.awaiting.get(idx) == bit:
                 self._current(idx, t)
 
+    def _observed_c(self, payload: bytes) -> None:
+        """The second observer (cross-node: another node than the first), matched on its own copy of
+        the send times."""
+        t = now()
+        G = self.G
+        rec = self.recording_c
+        sent_c = self.sent_c
+        for a, b, c, d in UPDATE.findall(payload):
+            sent = sent_c[int(a or d) // G]
+            bit = 0 if (b or c) == b"o" else 1
+            if sent[bit]:
+                if rec is not None:
+                    rec.append((t - sent[bit]) * 1000.0)
+                sent[bit] = 0.0
+                self.matched_c += 1
+
+    def _notified(self, conn: Conn, payload: bytes) -> None:
+        """A device's message: live notifications (time each, acknowledge them) or the answer to an ack."""
+        if payload.startswith(b'{"type":"notifications"'):
+            t = now()
+            rec = self.note_rec
+            stamps = NOTE_STAMP.findall(payload)
+            if rec is not None:
+                for stamp in stamps:
+                    rec.append((t - float(stamp)) * 1000.0)
+            self.note_got += len(stamps)
+            self.note_messages += 1
+            if self.note_ack:
+                conn.send(frame(b'{"type":"ack","ids":[' + b",".join(NOTE_ID.findall(payload)) + b"]}"))
+                self.acks += 1
+        else:
+            self.ack_replies += 1
+            if KO in payload:
+                self.ack_errors += 1
+                self.ack_error_sample = payload[:200].decode("utf-8", "replace")
+
     def _current(self, idx: int, t: float | None = None) -> None:
         self.awaiting.pop(idx, None)
         self.t_current = t or now()
@@ -286,7 +342,8 @@ class Generator:
         if kind == "devices":
             path = cmd.get("path", "/presence")
             auth = cmd.get("auth", True)
-            return [(path, i, "dev", (lambda e=common.device_email(i): self.device_connect(e)) if auth else None)
+            role = cmd.get("role", "dev")
+            return [(path, i, role, (lambda e=common.device_email(i): self.device_connect(e)) if auth else None)
                     for i in self.devices]
         if kind == "star":
             email = cmd["email"]
@@ -294,6 +351,8 @@ class Generator:
                      (lambda: self.device_connect(email)) if cmd.get("auth", True) else None)]
         if kind == "apps":
             role = cmd.get("role", "sub")
+            if role == "obsc" and self.sent_c is None:
+                self.sent_c = [[0.0, 0.0] for _ in self.devices]
             paths = cmd["paths"] if "paths" in cmd else [cmd["path"]] * cmd["count"]
             key = self.app_key if cmd.get("auth", True) else None
             return [(p, n, role, key) for n, p in enumerate(paths)]
@@ -375,6 +434,10 @@ class Generator:
         bits, sent_at = self.status_bit, self.sent_at
         rec = self.recording = array.array("f")
         self.matched = 0
+        sent_c = self.sent_c
+        if sent_c is not None:
+            self.recording_c = array.array("f")
+            self.matched_c = 0
         errors0 = self.device_errors
         n = len(devs)
         sent = k = 0
@@ -394,7 +457,9 @@ class Generator:
                 k = k + 1 if k + 1 < n else 0
                 j = conn.ident // G
                 bit = bits[j] = 1 - bits[j]
-                sent_at[j][bit] = now()
+                sent_at[j][bit] = ts = now()
+                if sent_c is not None:
+                    sent_c[j][bit] = ts
                 conn.send(frames[bit])
             sent += max(due, 0)
             if t - last_emit > 0.5:
@@ -403,10 +468,20 @@ class Generator:
             await asyncio.sleep(0.002)
         t_sent = now()
         deadline = t_sent + cmd["drain"]
-        while self.matched < sent and now() < deadline:
+        while (self.matched < sent or (sent_c is not None and self.matched_c < sent)) and now() < deadline:
             await asyncio.sleep(0.02)
         self.recording = None
-        return {"sent": sent, "matched": self.matched, "errors": self.device_errors - errors0,
+        # devices whose last status never reached the observer (a change coalesced with a later one
+        # of the same person is not missing; a last one that never came is)
+        last = [(conn.ident // G) for conn in devs]
+        missing = sum(1 for j in last if sent_at[j][bits[j]])
+        second = {}
+        if sent_c is not None:
+            second = {"matched_c": self.matched_c, "lat_c": base64.b64encode(self.recording_c.tobytes()).decode(),
+                      "last_missing_c": sum(1 for j in last if sent_c[j][bits[j]])}
+            self.recording_c = None
+        return {**second, "sent": sent, "matched": self.matched, "errors": self.device_errors - errors0,
+                "last_missing": missing,
                 "error_sample": self.error_sample if self.device_errors > errors0 else "",
                 "elapsed": t_sent - t0, "lag": lag, "lat": base64.b64encode(rec.tobytes()).decode()}
 
@@ -450,6 +525,36 @@ class Generator:
                 "not_current": len(self.awaiting), "errors": [e for g in fresh for e in g.errors][:5],
                 "status_errors": self.device_errors - errors0,
                 "error_sample": self.error_sample if self.device_errors > errors0 else ""}
+
+    # -- live notifications -----------------------------------------------------------------------
+    async def cmd_note_record(self, cmd: dict, emit) -> dict:
+        """Start timing the notifications this generator's devices receive (from zero)."""
+        self.note_rec = array.array("f")
+        self.note_ack = cmd.get("ack", True)
+        self.note_got = self.note_messages = self.acks = self.ack_replies = self.ack_errors = 0
+        self.ack_error_sample = ""
+        return {"recording": True}
+
+    async def cmd_note_count(self, cmd: dict, emit) -> dict:
+        return {"got": self.note_got, "acks": self.acks, "ack_replies": self.ack_replies}
+
+    async def cmd_note_stop(self, cmd: dict, emit) -> dict:
+        rec, self.note_rec = self.note_rec, None
+        return {"got": self.note_got, "messages": self.note_messages, "acks": self.acks,
+                "ack_replies": self.ack_replies, "ack_errors": self.ack_errors,
+                "ack_error_sample": self.ack_error_sample,
+                "lat": base64.b64encode(rec.tobytes()).decode() if rec is not None else ""}
+
+    async def cmd_post(self, cmd: dict, emit) -> dict:
+        """Post live notifications as an application (bench.poster), at cmd["rate"] for cmd["duration"] s."""
+        from bench.poster import Poster
+
+        poster = Poster({**cmd, "sources": self.sources}, emit, cmd["id"])
+        try:
+            await poster.open()
+            return await poster.run(cmd["rate"], cmd["duration"])
+        finally:
+            poster.close()
 
     async def cmd_exit(self, cmd: dict, emit) -> dict:
         for group in list(self.groups.values()):

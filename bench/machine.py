@@ -37,6 +37,7 @@ class LoadMonitor:
         self.interval = interval
         self.root = os.getpid()
         self.samples: list[tuple[float, float]] = []   # (monotonic time, other processes' CPU share of one core)
+        self.exclude: set[int] = set()  # not "other" either: e.g. the PostgreSQL backends of the bench's database
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -67,7 +68,7 @@ class LoadMonitor:
             ours = self._ours(now)
             other = 0.0
             for pid, (_, cpu) in now.items():
-                if pid in ours:
+                if pid in ours or pid in self.exclude:
                     continue
                 other += cpu - before[pid][1] if pid in before else cpu if cpu < self.interval * 4 else 0.0
             self.samples.append((t1, max(other, 0.0) / (t1 - t0)))

@@ -111,8 +111,9 @@ async def _seed(reactor, database: str, plan_path: str) -> None:
             app = await store.create_app("bench@bench.test", f"{app_id}.bench.test", app_id, "", new_key(), now)
             await store.mark_verified(app.id, app_id, now)
             await store.set_api_key(app.id, plan["key_hash"], now)
-            for email in entry["grants"]:
-                await store.add_grant(email, app_id, new_id(), now)
+            uids = entry.get("uids") or [new_id() for _ in entry["grants"]]  # chosen uids: the poster knows them
+            for email, uid in zip(entry["grants"], uids):
+                await store.add_grant(email, app_id, uid, now)
             return len(entry["grants"])
 
         apps = plan["apps"]
@@ -147,17 +148,20 @@ def twistd() -> str:
 
 
 class NodeProcess:
-    """`twistd -n --pidfile= presence ...` with its log in run_dir/node.log."""
+    """`twistd -n --pidfile= presence ...` with its log in run_dir/node.log (node-NAME.log when it is
+    not the one node "bench")."""
 
     def __init__(self, run_dir: Path, presence_src: Path, database: str, audience: str, issuer_domain: str,
-                 web_port: int, ws_port: int, backlog: int, extra: list[str]):
+                 web_port: int, ws_port: int, backlog: int, extra: list[str], name: str = "bench"):
+        self.name = name
         self.ws_port = ws_port
-        self.log_path = run_dir / "node.log"
+        self.web_port = web_port
+        self.log_path = run_dir / ("node.log" if name == "bench" else f"node-{name}.log")
         self.args = [
             twistd(), "-n", "--pidfile=", "presence",
             "--web", f"tcp:{web_port}:interface=127.0.0.1",
             "--ws", f"tcp:{ws_port}:interface=127.0.0.1:backlog={backlog}",
-            "--database", database, "--public-url", audience, "--node", "bench",
+            "--database", database, "--public-url", audience, "--node", name,
             "--insecure-identity", "--trusted-issuer", issuer_domain,
             *extra,
         ]

@@ -116,6 +116,8 @@ class Bench:
         if archive.returncode != 0:
             raise RuntimeError(f"git archive {rev}: {archive.stderr.decode(errors='replace').strip()}")
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True, timeout=120)
+        # the bench itself always comes from this checkout (the seeder runs with the export first on its path)
+        shutil.rmtree(dest / "bench", ignore_errors=True)
         return dest
 
     async def run(self) -> dict:
@@ -230,7 +232,7 @@ class Bench:
         if self.issuer:
             self.issuer.close()
         for path in sorted(self.run_dir.glob("*.log")):  # the bench's own processes must not fail silently
-            if path.name == "node.log":
+            if path.name.startswith("node"):  # node.log, node-a.log, ...: read by NodeProcess.problems
                 continue
             text = path.read_text(errors="replace")
             if "Traceback" in text:

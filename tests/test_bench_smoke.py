@@ -57,3 +57,69 @@ def test_quick_bench_run_measures_every_scenario(tmp_path):
     assert first["delivered_pct"] == 100.0 and first["errors"] == 0, first
     assert 0 < first["p50"] <= first["p99"] <= first["max"] < 5000, first
     assert node["throughput"]["sustained"] >= first["target"]
+
+
+def _database_exists(name: str) -> bool:
+    import psycopg2
+
+    from tests.conftest import POSTGRES_ADMIN
+
+    conn = psycopg2.connect(POSTGRES_ADMIN)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            return cur.fetchone() is not None
+    finally:
+        conn.close()
+
+
+def test_quick_cross_node_run_measures_latency_from_node_a_to_b_and_c(tmp_path):
+    """Three real nodes on a fresh PostgreSQL database; devices on A, the application on B and C."""
+    from tests.conftest import POSTGRES_ADMIN
+
+    out = tmp_path / "cross.json"
+    run = subprocess.run([sys.executable, "-m", "bench", "cross-node", "--quick", "--postgres", POSTGRES_ADMIN,
+                          "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert "| rate/s" in run.stdout and "delivered on B" in run.stdout  # the table was printed
+    assert "node A: devices:" in run.stdout and "sent:" in run.stdout  # and progress along the way
+    results = json.loads(out.read_text())
+    assert not [note for note in results["notes"] if "log" in note], results["notes"]  # no node or bench traceback
+    assert not _database_exists(results["meta"]["database"])  # the bench dropped its database
+    cross = results["cross"]
+    assert cross["devices"]["failed"] == 0 and cross["devices"]["n"] == results["meta"]["devices"]
+    steps = cross["steps"]
+    assert [s["target"] for s in steps] == [100, 200], steps
+    for step in steps:
+        assert step["errors"] == 0 and step["sent"] > 0, step
+        for node in ("b", "c"):  # every change reached the application's connection on B and on C
+            s = step[node]
+            assert s["delivered"] == step["sent"] and s["delivered_pct"] == 100.0, (node, step)
+            assert 0 < s["p50"] <= s["p99"] <= s["max"] < 5000, (node, step)
+        assert all(pct >= 0 for pct in step["cpu_pct"].values()) and step["pg_cpu_pct"] >= 0, step
+    assert steps[0]["kept_up"], steps[0]
+
+
+def test_quick_notify_run_measures_posted_notifications_reaching_devices(tmp_path):
+    """One node, devices acknowledging, an application posting batches over HTTP."""
+    out = tmp_path / "notify.json"
+    run = subprocess.run([sys.executable, "-m", "bench", "notify", "--quick", "--json", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert "| rate/s" in run.stdout and "target (issue 7)" in run.stdout  # the tables were printed
+    assert "node: devices:" in run.stdout and "posted:" in run.stdout  # and progress along the way
+    results = json.loads(out.read_text())
+    assert not [note for note in results["notes"] if "log" in note or "refused" in note], results["notes"]
+    r = results["notify"]
+    assert r["devices"]["failed"] == 0 and r["devices"]["n"] == results["meta"]["devices"]
+    steps = r["steps"]
+    assert [s["target"] for s in steps] == [500, 1000], steps
+    for step in steps:
+        assert step["refused"] == step["http_errors"] == 0, step
+        assert step["accepted"] == step["posted"] > 0, step
+        assert step["delivered"] == step["accepted"] and step["delivered_pct"] == 100.0, step  # every item arrived
+        assert step["acks"] == step["messages"] > 0 and step["ack_errors"] == 0, step
+        assert 0 < step["p50"] <= step["p99"] <= step["max"] < 5000, step
+        assert 0 < step["rtt_p50"] <= step["rtt_p99"], step
+    assert steps[0]["kept_up"], steps[0]
+    assert r["verdict"]["met"] is None  # no step at the issue's 10,000/s in a quick run
