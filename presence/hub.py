@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from presence import changelog, errors
 from presence.keys import new_id
 from presence.status import OFFLINE
-from presence.store import Device, LoggedChange, PersonChange, Store, StoreUnavailable
+from presence.store import Device, LoggedChange, Store, StoreUnavailable
 from presence.streams import Streams
 from presence.views import visible_to
 

@@ -16,7 +16,7 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
 from presence import systemd
-from tests.test_twistd import AUDIENCE, admin, free_port, twistd, wait_listening
+from tests.test_twistd import AUDIENCE, admin, alice_goes_online, free_port, twistd
 from tests.wsclient import WSClient
 
 # What systemd does before it starts the service: the listening sockets become fds 3, 4, ... of
@@ -157,15 +157,7 @@ async def test_socket_activation_of_both_listeners(idp, tmp_path):
         page = await treq.get(f"http://127.0.0.1:{web}/")
         assert page.code == 200 and "Presence" in await page.text()
 
-        stream = await WSClient.connect(ws, "/" + app_id)
-        stream.send({"key": key})
-        assert (await stream.receive())["result"] == "OK"
-        phone = await WSClient.connect(ws, "/presence")
-        phone.send({"type": "connect", "assertion": idp.assertion("alice@example.com", AUDIENCE)})
-        assert (await phone.receive())["result"] is True
-        phone.send({"type": "status", "status": "online"})
-        assert await phone.receive() == {"result": "OK"}
-        assert [(u["email"], u["status"]) for u in await stream.receive()] == [("alice@example.com", "online")]
+        await alice_goes_online(ws, app_id, key, idp)
 
         process.send_signal(signal.SIGTERM)
         await notify.wait_for("STOPPING=1", process)

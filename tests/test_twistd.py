@@ -38,6 +38,21 @@ def admin(database: str, *args: str) -> str:
     return out.stdout
 
 
+async def alice_goes_online(ws: int, app_id: str, key: str, idp) -> tuple[WSClient, WSClient]:
+    """The core flow against a node process: the application authenticates, alice's phone proves
+    her email and goes online, the application hears it. Returns (stream, phone)."""
+    stream = await WSClient.connect(ws, "/" + app_id)
+    stream.send({"key": key})
+    assert (await stream.receive())["result"] == "OK"
+    phone = await WSClient.connect(ws, "/presence")
+    phone.send({"type": "connect", "assertion": idp.assertion("alice@example.com", AUDIENCE)})
+    assert (await phone.receive())["result"] is True
+    phone.send({"type": "status", "status": "online"})
+    assert await phone.receive() == {"result": "OK"}
+    assert [(u["email"], u["status"]) for u in await stream.receive()] == [("alice@example.com", "online")]
+    return stream, phone
+
+
 async def wait_listening(port: int, process: subprocess.Popen, timeout: float = 20.0) -> None:
     for _ in range(int(timeout / 0.1)):
         assert process.poll() is None, process.stdout.read()
@@ -68,15 +83,7 @@ async def test_twistd_presence_serves_devices_and_applications_and_stops_cleanly
         page = await treq.get(f"http://127.0.0.1:{web}/")
         assert page.code == 200 and "Presence" in await page.text()
 
-        stream = await WSClient.connect(ws, "/" + app_id)
-        stream.send({"key": key})
-        assert (await stream.receive())["result"] == "OK"
-        phone = await WSClient.connect(ws, "/presence")
-        phone.send({"type": "connect", "assertion": idp.assertion("alice@example.com", AUDIENCE)})
-        assert (await phone.receive())["result"] is True
-        phone.send({"type": "status", "status": "online"})
-        assert await phone.receive() == {"result": "OK"}
-        assert [(u["email"], u["status"]) for u in await stream.receive()] == [("alice@example.com", "online")]
+        stream, phone = await alice_goes_online(ws, app_id, key, idp)
 
         process.send_signal(signal.SIGTERM)
         # clean stop: the device is told to reconnect elsewhere; it does not, so after its grace
