@@ -3,7 +3,6 @@ pages' safe fetch: the local domain needs --allow-private)."""
 
 from __future__ import annotations
 
-import argparse
 import io
 
 import pytest

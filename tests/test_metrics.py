@@ -13,7 +13,7 @@ from twisted.internet.task import deferLater
 from presence import errors
 from presence.node import Node
 from tests.fakes import eventually
-from tests.test_node_e2e import AUDIENCE, Running, config, statuses
+from tests.test_node_e2e import Running, config, statuses
 from tests.test_outage import database_up
 from tests.wsclient import WSClient
 
