@@ -12,7 +12,9 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from presence import changelog, errors
 from presence.errors import PresenceError
@@ -67,6 +69,8 @@ class Notifier:
         self.max_batch = max_batch
         self.metrics = metrics or Metrics()
         self._buckets: dict[str, tuple[float, float]] = {}   # app_id -> (tokens, when)
+        self._acks: list[tuple[str, list[int], Deferred]] = []
+        self._acking = False
 
     def admit(self, app_id: str, count: int) -> None:
         """Take ``count`` tokens of the application's bucket, or raise RateLimited saying when."""
@@ -123,9 +127,33 @@ class Notifier:
         if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids) \
                 or len(ids) > 10_000:
             raise PresenceError(errors.BAD_FIELD, "ids must be a list of notification ids (integers)")
-        acked = await self.store.ack_notifications(email, ids)
+        d: Deferred = Deferred()
+        self._acks.append((email, ids, d))
+        if not self._acking:
+            self._acking = True
+            ensureDeferred(self._run_acks())
+        acked = await d
         self.metrics.notifications_acked.inc(acked)
         return acked
+
+    async def _run_acks(self) -> None:
+        """Group commit, as for status changes: the acks that arrive while one batch is deleted
+        make up the next, deleted in one transaction (each is one write otherwise)."""
+        try:
+            while self._acks:
+                batch, self._acks = self._acks[:500], self._acks[500:]
+                try:
+                    gone = await self.store.ack_notifications_of(
+                        [(email, i) for email, ids, _ in batch for i in dict.fromkeys(ids)])
+                except Exception:
+                    failure = Failure()
+                    for *_, d in batch:
+                        d.errback(failure)
+                    continue
+                for email, ids, d in batch:
+                    d.callback(sum((email, i) in gone for i in dict.fromkeys(ids)))
+        finally:
+            self._acking = False
 
     async def expire(self) -> int:
         n = await self.store.expire_notifications(self.clock.seconds() - self.ttl)

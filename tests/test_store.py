@@ -1409,3 +1409,18 @@ async def test_a_failing_batch_changes_nothing(store):
                                    ("q@x", broken, None)], "node1", 2.0)
     assert [d.status for d in await store.list_devices("p@x")] == ["online"]
     assert await store.last_change() == seq
+
+
+@pytest_twisted.ensureDeferred
+async def test_acknowledgements_of_several_people_in_one_transaction(store):
+    await granted(store, "p@x", "app1")
+    await granted(store, "q@x", "app1")
+    queued = await store.queue_notifications("app1", [("app1-p@x", "for p", None), ("app1-q@x", "for q", None),
+                                                      ("app1-p@x", "for p too", None)], 1.0, 100)
+    p1, q1, p2 = (r.notification.id for r in queued)
+    # q may not acknowledge p's item; an id twice or unknown changes nothing
+    gone = await store.ack_notifications_of([("p@x", p1), ("q@x", p2), ("q@x", q1), ("p@x", 999_999)])
+    assert gone == {("p@x", p1), ("q@x", q1)}
+    assert [n.message for n in await store.pending_notifications("p@x", 0)] == ["for p too"]
+    assert await store.pending_notifications("q@x", 0) == []
+    assert await store.ack_notifications_of([]) == set()

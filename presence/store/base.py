@@ -280,6 +280,10 @@ class Store(Protocol):
     async def ack_notifications(self, email: str, ids: list[int]) -> int:
         """Remove the person's items with these ids; returns how many there were."""
 
+    async def ack_notifications_of(self, pairs: list[tuple[str, int]]) -> set[tuple[str, int]]:
+        """Several people's acknowledgements in one transaction: remove each (email, id) that is
+        that person's; returns the pairs that were removed."""
+
     async def expire_notifications(self, before: float) -> int: ...
 
     # -- waiting updates for applications without a connection -----------------------------

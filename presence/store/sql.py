@@ -501,11 +501,23 @@ class SQLStore(WebQueries):
                 for i, e, a, name, domain, m, act, at in rows]
 
     async def ack_notifications(self, email: str, ids: list[int]) -> int:
-        if not ids:
-            return 0
-        rows = await self._query(
-            f"DELETE FROM notifications WHERE email = ? AND id IN {_in(ids)} RETURNING id", (email, *ids))
-        return len(rows)
+        return len(await self.ack_notifications_of([(email, i) for i in ids]))
+
+    async def ack_notifications_of(self, pairs: list[tuple[str, int]]) -> set[tuple[str, int]]:
+        if not pairs:
+            return set()
+
+        def interaction():
+            gone: set[tuple[str, int]] = set()
+            for start in range(0, len(pairs), IN_BATCH):
+                part = pairs[start:start + IN_BATCH]
+                values = ", ".join(["(?, ?)"] * len(part))
+                rows = yield (f"DELETE FROM notifications WHERE (email, id) IN (VALUES {values}) RETURNING email, id",
+                              tuple(v for pair in part for v in pair))
+                gone.update((email, int(i)) for email, i in rows)
+            return gone
+
+        return await self._transaction(interaction())
 
     async def expire_notifications(self, before: float) -> int:
         return len(await self._query("DELETE FROM notifications WHERE at < ? RETURNING 1", (before,)))
