@@ -1424,3 +1424,19 @@ async def test_acknowledgements_of_several_people_in_one_transaction(store):
     assert [n.message for n in await store.pending_notifications("p@x", 0)] == ["for p too"]
     assert await store.pending_notifications("q@x", 0) == []
     assert await store.ack_notifications_of([]) == set()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_notification_batch_keeps_each_queue_first_in_first_out(store):
+    await granted(store, "p@x", "app1")
+    await granted(store, "q@x", "app1")
+    await store.queue_notifications("app1", [("app1-p@x", "old", None)], 1.0, 3)
+    items = [("app1-p@x", f"m{i}", None) for i in range(4)] + [("nobody", "x", None), ("app1-q@x", "for q", "https://q")]
+    results = await store.queue_notifications("app1", items, 2.0, 3)
+    assert [(r.queue_size, r.dropped) if r else None for r in results] == [
+        (2, 0), (3, 0), (3, 1), (3, 1), None, (1, 0)]
+    ids = [r.notification.id for r in results if r]
+    assert ids == sorted(ids)
+    assert [n.message for n in await store.pending_notifications("p@x", 0)] == ["m1", "m2", "m3"]
+    [q] = await store.pending_notifications("q@x", 0)
+    assert (q.message, q.action, q.id) == ("for q", "https://q", results[-1].notification.id)

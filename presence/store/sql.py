@@ -469,25 +469,42 @@ class SQLStore(WebQueries):
             uids = sorted({uid for uid, _, _ in items})
             rows = yield f"SELECT uid, email FROM grants WHERE app_id = ? AND uid IN {_in(uids)}", (app_id, *uids)
             emails = dict(rows)
+            valid = [(emails[uid], message, action) for uid, message, action in items if uid in emails]
+            if not valid:
+                return [None] * len(items)
+            people = sorted({email for email, _, _ in valid})
+            rows = yield (f"SELECT email, COUNT(*) FROM notifications WHERE app_id = ? AND email IN {_in(people)}"
+                          " GROUP BY email", (app_id, *people))
+            sizes = {email: int(count) for email, count in rows}
+            # One multi-row insert per chunk; ids come in the order of the VALUES, ascending.
+            ids: list[int] = []
+            for start in range(0, len(valid), IN_BATCH):
+                part = valid[start:start + IN_BATCH]
+                rows = yield (
+                    "INSERT INTO notifications (email, app_id, message, action, at) VALUES "
+                    + ", ".join(["(?, ?, ?, ?, ?)"] * len(part)) + " RETURNING id",
+                    tuple(v for email, message, action in part for v in (email, app_id, message, action, now)))
+                ids += sorted(int(row[0]) for row in rows)
+            # FIFO per queue: past the limit, the oldest go (possibly earlier items of this batch).
+            drop: dict[str, int] = {}
+            queued = iter(zip(ids, valid))
             results: list[Queued | None] = []
-            for uid, message, action in items:
-                email = emails.get(uid)
-                if email is None:
+            for uid, _, _ in items:
+                if uid not in emails:
                     results.append(None)
                     continue
-                rows = yield (
-                    "INSERT INTO notifications (email, app_id, message, action, at) VALUES (?, ?, ?, ?, ?)"
-                    " RETURNING id", (email, app_id, message, action, now))
-                notification = Notification(int(rows[0][0]), email, app_id, name, domain, message, action, now)
-                rows = yield "SELECT COUNT(*) FROM notifications WHERE email = ? AND app_id = ?", (email, app_id)
-                size, dropped = int(rows[0][0]), 0
-                if size > limit:
-                    rows = yield (
+                id, (email, message, action) = next(queued)
+                size = sizes.get(email, 0) + 1
+                dropped = max(0, size - limit)
+                sizes[email] = size - dropped
+                drop[email] = drop.get(email, 0) + dropped
+                results.append(Queued(Notification(id, email, app_id, name, domain, message, action, now),
+                                      sizes[email], dropped))
+            for email, count in drop.items():
+                if count:
+                    yield (
                         "DELETE FROM notifications WHERE id IN (SELECT id FROM notifications WHERE email = ?"
-                        " AND app_id = ? ORDER BY id LIMIT ?) RETURNING id", (email, app_id, size - limit))
-                    dropped = len(rows)
-                    size -= dropped
-                results.append(Queued(notification, size, dropped))
+                        " AND app_id = ? ORDER BY id LIMIT ?)", (email, app_id, count))
             return results
 
         return await self._transaction(interaction())
