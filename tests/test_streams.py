@@ -12,6 +12,30 @@ from presence.views import Update
 from tests.fakes import ListPeer
 
 
+class Turns(Clock):
+    """A Clock whose ``advance`` is one reactor turn: it runs the calls due when it starts, not those
+    they schedule (a ``callLater(0)`` made during a turn runs in the next one, after the reactor has
+    read its sockets). ``Clock.advance`` would run a whole sliced fan-out at once."""
+
+    def advance(self, amount):
+        self.rightNow += amount
+        self._sortCalls()
+        due = [call for call in self.calls if call.getTime() <= self.seconds()]
+        for call in due:
+            if call in self.calls:   # not cancelled by an earlier one
+                self.calls.remove(call)
+                call.called = 1
+                call.func(*call.args, **call.kw)
+
+    def run_turns(self, limit=100):
+        """Turns (no time passing) until nothing is due now; how many it took."""
+        for n in range(limit):
+            if not any(call.getTime() <= self.seconds() for call in self.calls):
+                return n
+            self.advance(0)
+        raise AssertionError("still running after %d turns" % limit)
+
+
 def upd(email, status, at, uid=None, app="app"):
     return Update(app, email, uid or "u-" + email, status, at)
 
@@ -183,3 +207,195 @@ async def test_many_waiting_changes_arrive_in_messages_under_the_limit(sqlite_st
     await streams.subscribe("app", peer)
     assert len(peer.sent) > 1
     assert sorted(u["email"] for batch in peer.sent for u in batch) == sorted(f"p{i}@x" for i in range(500))
+
+
+# -- leading-edge batching --------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_a_change_on_a_quiet_node_goes_out_on_the_next_turn_not_after_the_window(sqlite_store):
+    clock = Turns()
+    streams = Streams(sqlite_store, clock, batch_window=0.5)
+    peer = ListPeer()
+    await streams.subscribe("app", peer)
+    streams.publish([upd("p@x", "online", 0)])
+    streams.publish([upd("q@x", "online", 0)])   # the same turn: the same list
+    assert peer.sent == []
+    clock.advance(0)
+    assert peer.sent == [as_json(upd("p@x", "online", 0), upd("q@x", "online", 0))]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_change_within_the_window_waits_for_it_and_coalesces(sqlite_store):
+    clock = Turns()
+    streams = Streams(sqlite_store, clock, batch_window=0.5)
+    peer = ListPeer()
+    await streams.subscribe("app", peer)
+    streams.publish([upd("p@x", "online", 0)])
+    clock.advance(0)                              # flushed at 0
+    assert len(peer.sent) == 1
+    clock.advance(0.25)
+    streams.publish([upd("p@x", "unavailable", 0.25)])
+    clock.advance(0)
+    clock.advance(0.125)
+    streams.publish([upd("p@x", "offline", 0.375), upd("q@x", "online", 0.375)])
+    clock.advance(0.0625)
+    assert len(peer.sent) == 1                    # at most one flush per window
+    clock.advance(0.0625)                         # 0.5: the previous flush + the window
+    assert peer.sent[1:] == [as_json(upd("p@x", "offline", 0.375), upd("q@x", "online", 0.375))]
+    # quiet for a whole window: the next change goes at once again
+    clock.advance(0.5)
+    streams.publish([upd("q@x", "offline", 1.0)])
+    clock.advance(0)
+    assert peer.sent[2:] == [as_json(upd("q@x", "offline", 1.0))]
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_timer_for_every_application(sqlite_store):
+    clock = Turns()
+    streams = Streams(sqlite_store, clock, batch_window=0.5)
+    peers = {app: ListPeer() for app in ("a", "b", "c")}
+    for app, peer in peers.items():
+        await streams.subscribe(app, peer)
+    streams.publish([upd("p@x", "online", 0, app=app) for app in peers])
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(0)
+    clock.advance(0.25)
+    streams.publish([upd("q@x", "online", 0.25, app=app) for app in peers])
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(0.25)
+    assert all(len(peer.sent) == 2 for peer in peers.values())
+
+
+# -- cooperative fan-out ----------------------------------------------------------------------------
+
+async def fanout(sqlite_store, n=10, slice_size=3, apps=1, **kw):
+    clock = Turns()
+    streams = Streams(sqlite_store, clock, batch_window=0.5, slice_size=slice_size, **kw)
+    peers = [ListPeer() for _ in range(n)]
+    subs = [await streams.subscribe("app" if apps == 1 else f"app{i}", peer) for i, peer in enumerate(peers)]
+    return clock, streams, peers, subs
+
+
+def got(peers):
+    return [len(peer.sent) for peer in peers]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fan_out_sends_a_slice_per_turn(sqlite_store):
+    clock, streams, peers, _ = await fanout(sqlite_store)
+    streams.publish([upd("p@x", "online", 0)])
+    clock.advance(0)
+    assert got(peers) == [1, 1, 1] + [0] * 7
+    clock.advance(0)
+    assert got(peers) == [1] * 6 + [0] * 4
+    assert clock.run_turns() == 2
+    assert all(peer.sent == [as_json(upd("p@x", "online", 0))] for peer in peers)
+    assert clock.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fan_out_to_many_applications_is_sliced_too(sqlite_store):
+    clock, streams, peers, _ = await fanout(sqlite_store, n=6, slice_size=2, apps=6)
+    streams.publish([upd("p@x", "online", 0, app=f"app{i}") for i in range(6)])
+    clock.advance(0)
+    assert got(peers) == [1, 1, 0, 0, 0, 0]
+    assert clock.run_turns() == 2
+    assert [peer.sent for peer in peers] == [[as_json(upd("p@x", "online", 0, app=f"app{i}"))] for i in range(6)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_later_batch_never_overtakes_an_earlier_one(sqlite_store):
+    clock, streams, peers, _ = await fanout(sqlite_store)
+    first, second = upd("p@x", "online", 0), upd("p@x", "offline", 1)
+    streams.publish([first])
+    clock.advance(0)
+    streams.publish([second])
+    # the window is long over before the first fan-out ends: the second still waits for it
+    for _ in range(10):
+        clock.advance(1)
+    assert all(peer.sent == [as_json(first), as_json(second)] for peer in peers)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_that_leaves_mid_fan_out_gets_nothing_more(sqlite_store):
+    clock, streams, peers, subs = await fanout(sqlite_store)
+    streams.publish([upd("p@x", "online", 0)])
+    clock.advance(0)
+    streams.unsubscribe(subs[7])     # not reached yet
+    streams.unsubscribe(subs[1])     # reached: the ones after it must not be skipped
+    clock.run_turns()
+    assert got(peers) == [1, 1, 1, 1, 1, 1, 1, 0, 1, 1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_list_in_flight_is_kept_when_the_last_connection_leaves_before_its_turn(sqlite_store):
+    clock, streams, peers, subs = await fanout(sqlite_store, n=2, slice_size=1)
+    streams.publish([upd("p@x", "online", 0)])
+    clock.advance(0)
+    assert got(peers) == [1, 0]
+    streams.unsubscribe(subs[0])
+    streams.unsubscribe(subs[1])
+    clock.run_turns()
+    await streams.flush()
+    assert [(p.email, p.status) for p in await sqlite_store.take_pending("app", 0)] == [("p@x", "online")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_list_in_flight_is_not_kept_twice_when_the_last_connection_had_it(sqlite_store):
+    clock, streams, peers, subs = await fanout(sqlite_store, n=2, slice_size=1)
+    streams.publish([upd("p@x", "online", 0)])
+    clock.advance(0)
+    streams.unsubscribe(subs[1])
+    streams.unsubscribe(subs[0])
+    await streams.flush()
+    assert got(peers) == [1, 0]
+    assert await sqlite_store.take_pending("app", 0) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_flush_finishes_a_fan_out_in_progress_then_sends_what_came_since(sqlite_store):
+    clock, streams, peers, _ = await fanout(sqlite_store)
+    first, second = upd("p@x", "online", 0), upd("p@x", "offline", 0.1)
+    streams.publish([first])
+    clock.advance(0)
+    streams.publish([second])
+    await streams.flush()
+    assert all(peer.sent == [as_json(first), as_json(second)] for peer in peers)
+    assert clock.getDelayedCalls() == []       # no slice left to run
+    clock.advance(10)
+    assert all(len(peer.sent) == 2 for peer in peers)
+
+
+@pytest_twisted.ensureDeferred
+async def test_split_lists_are_sliced_and_arrive_whole(sqlite_store):
+    clock, streams, peers, _ = await fanout(sqlite_store, n=4, slice_size=3, max_message=1024)
+    updates = [upd(f"person{i}@example.com", "online", i / 100) for i in range(100)]
+    streams.publish(updates)
+    clock.advance(0)
+    parts = len(peers[0].sent)
+    assert parts > 1 and all(peer.sent == [] for peer in peers[1:])   # one connection's lists fill the turn
+    clock.run_turns()
+    for peer in peers:
+        assert len(peer.sent) == parts
+        assert [u["email"] for batch in peer.sent for u in batch] == [u.email for u in updates]
+
+
+class Counting:
+    def __init__(self):
+        self.calls = []
+
+    def inc(self, amount=1):
+        self.calls.append(amount)
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_count_every_delivery_with_one_increment_per_turn(sqlite_store):
+    clock, streams, peers, _ = await fanout(sqlite_store, n=10, slice_size=4, apps=10)
+    delivered = streams.metrics.updates_delivered = Counting()
+    streams.publish([upd(e, "online", 0, app=f"app{i}") for i in range(10) for e in ("p@x", "q@x")])
+    turns = clock.run_turns()
+    assert sum(delivered.calls) == 20 and len(delivered.calls) == turns < 10
+    registry = streams.metrics.registry
+    assert registry.get_sample_value("presence_batch_size_count") == 10
+    assert registry.get_sample_value("presence_batch_size_sum") == 20
+    assert registry.get_sample_value("presence_delivery_latency_seconds_count") == 20
