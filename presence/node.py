@@ -37,7 +37,7 @@ from presence.store import StoreUnavailable, open_store
 from presence.streams import Streams
 from presence.ws.app import AppSession
 from presence.ws.device import DeviceSession
-from presence.ws.protocol import PresenceServerFactory, not_found
+from presence.ws.server import PresenceServerFactory, not_found
 
 log = Logger()
 
@@ -94,7 +94,7 @@ class Node(Service):
         self.ws_factory = PresenceServerFactory(
             self.route, reactor, self.metrics, max_message=config.max_message,
             handshake_timeout=config.handshake_timeout, ping_interval=config.ping_interval)
-        self.streams.prepare = self.ws_factory.prepareMessage  # frame each list once per application
+        self.streams.prepare = self.ws_factory.prepare  # frame each list once per application
         self.web_port: Any = None
         self.ws_port: Any = None
         self.metrics_port: Any = None
@@ -289,7 +289,7 @@ class Node(Service):
         await self.streams.flush()     # the applications connected here hear it
         await self._close_spread(list(self.ws_factory.open_connections), 0)
         for protocol in list(self.ws_factory.open_connections):
-            protocol.dropConnection(abort=True)
+            protocol.abort()
         await self.streams.flush()     # backlogs of closed connections go to the waiting queue
 
     async def _close_spread(self, protocols: list, over: float) -> None:

@@ -19,7 +19,7 @@ log = Logger()
 
 
 class Peer(Protocol):
-    """The socket as a session sees it (the Autobahn protocol, or a list in tests)."""
+    """The socket as a session sees it (presence.ws.server.PresenceServerProtocol, or a list in tests)."""
 
     def send_json(self, message: Any) -> None: ...
 

@@ -1,0 +1,330 @@
+"""The websocket listener: a lean RFC 6455 server protocol that hands messages to a session, and
+the factory that routes a request path to the right session, remembers open connections for a
+clean stop, and runs the one timer wheel for handshake deadlines and keep-alive pings.
+
+Why not Autobahn's server protocol (Autobahn remains the client of the tests and the reference of
+the benchmark): a node holds tens of thousands of idle connections, and an Autobahn server
+connection carries an instance dictionary of about seventy attributes, a deque and timers of its
+own (8.96 KiB of RSS per idle connection, measured in bench/), where this one is a slots object of
+a few words on top of Twisted's transport. It speaks only what Presence needs: text messages (no
+extensions, no subprotocols), pings, and the close handshake; the framing rules are in
+``presence.ws.frames``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Iterator
+
+from twisted.internet import tcp
+from twisted.internet.interfaces import IProtocol, IPushProducer, IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from presence.metrics import Metrics
+from presence.ws import frames
+from presence.ws.frames import HandshakeError, ProtocolViolation
+from presence.ws.session import Peer, Session
+
+log = Logger()
+
+_HANDSHAKE, _OPEN, _CLOSING, _CLOSED = range(4)
+
+
+class Prepared(bytes):
+    """A whole text frame, made once and written as is to many connections."""
+
+    __slots__ = ()
+
+
+@implementer(IProtocol, IPushProducer)
+class PresenceServerProtocol:
+    """One connection. Also the producer registered on its transport, so that the session learns
+    when the peer stops reading (pause) and catches up (resume)."""
+
+    __slots__ = ("factory", "transport", "session", "state", "_buffer", "_parts", "_opcode", "_idle",
+                 "_direct", "_close_timer")
+
+    def __init__(self, factory: "PresenceServerFactory"):
+        self.factory = factory
+        self.transport: Any = None
+        self.session: Session | None = None
+        self.state = _HANDSHAKE
+        self._buffer = b""
+        self._parts: list[bytes] | None = None   # the frames of an unfinished fragmented message
+        self._opcode = 0                         # and its opcode
+        self._idle = 0                           # keep-alive: sweeps since the peer was last heard
+        self._direct = False
+        self._close_timer: Any = None
+
+    # -- IProtocol --------------------------------------------------------------------------------
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+        # Only a TCP transport has the buffers _write looks at (and it checks for TLS on it).
+        self._direct = isinstance(transport, tcp.Connection)
+        self.connectionMade()
+
+    def connectionMade(self) -> None:
+        self.factory.handshaking[self] = self.factory.clock.seconds()
+
+    def logPrefix(self) -> str:
+        return "PresenceServerProtocol"
+
+    def dataReceived(self, data: bytes) -> None:
+        self._idle = 0
+        self._buffer = self._buffer + data if self._buffer else data
+        try:
+            if self.state == _HANDSHAKE:
+                self._handshake()
+            if self.state in (_OPEN, _CLOSING) and self._buffer:
+                self._frames()
+        except ProtocolViolation as e:
+            self._fail(e.code, e.reason)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        factory = self.factory
+        factory.handshaking.pop(self, None)
+        if self._close_timer is not None and self._close_timer.active():
+            self._close_timer.cancel()
+        self._close_timer = None
+        was_open = self.state in (_OPEN, _CLOSING)
+        self.state = _CLOSED
+        session, self.session = self.session, None
+        if was_open and self in factory.open_connections:
+            factory.open_connections.discard(self)
+            factory.metrics.connections[session.kind].inc(-1)
+        if was_open and session is not None:
+            session.lost()
+        # No cycle through the transport survives the connection: reference counting frees both.
+        self.transport = None
+        self._buffer = b""
+        self._parts = None
+
+    # -- IPushProducer ----------------------------------------------------------------------------
+    def pauseProducing(self) -> None:
+        pause = getattr(self.session, "pause", None)
+        if pause:
+            pause()
+
+    def resumeProducing(self) -> None:
+        resume = getattr(self.session, "resume", None)
+        if resume:
+            resume()
+
+    def stopProducing(self) -> None:
+        pass
+
+    # -- the opening handshake --------------------------------------------------------------------
+    def _handshake(self) -> None:
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buffer) > frames.MAX_REQUEST:
+                self._refuse(HandshakeError(431, "the handshake request is too large"))
+            return
+        head, self._buffer = self._buffer[:end], self._buffer[end + 4:]
+        try:
+            request = frames.parse_request(head)
+            self.session = self.factory.route(request.path, self)
+        except HandshakeError as e:
+            self._refuse(e)
+            return
+        factory = self.factory
+        factory.handshaking.pop(self, None)
+        self.state = _OPEN
+        self._write(frames.accept(request.key))
+        factory.open_connections.add(self)
+        factory.metrics.connections[self.session.kind].inc()
+        self.transport.registerProducer(self, True)
+        self.session.opened()
+
+    def _refuse(self, error: HandshakeError) -> None:
+        self.factory.handshaking.pop(self, None)
+        self.state = _CLOSED
+        self._buffer = b""
+        self.transport.write(frames.refusal(error.status, error.reason, error.headers))
+        self.transport.loseConnection()
+
+    # -- frames -----------------------------------------------------------------------------------
+    def _frames(self) -> None:
+        received, self._buffer = frames.parse_frames(self._buffer, self.factory.max_message)
+        for fin, opcode, payload in received:
+            if self.state == _CLOSED:
+                return
+            if opcode == frames.CLOSE:
+                self._peer_closed(payload)
+            elif opcode == frames.PING:
+                if self.state == _OPEN:
+                    self._write(frames.encode(frames.PONG, payload))
+            elif opcode == frames.PONG:
+                pass                       # hearing from the peer is what keep-alive wants
+            elif self.state == _OPEN:      # data after our close frame is dropped (RFC 6455 5.5.1)
+                self._data(fin, opcode, payload)
+
+    def _data(self, fin: bool, opcode: int, payload: bytes) -> None:
+        if opcode == frames.CONTINUATION:
+            if self._parts is None:
+                raise ProtocolViolation(frames.PROTOCOL_ERROR, "a continuation frame without a message to continue")
+            self._parts.append(payload)
+            if sum(map(len, self._parts)) > self.factory.max_message:
+                raise ProtocolViolation(frames.TOO_BIG, f"a message over the limit of {self.factory.max_message} bytes")
+            if not fin:
+                return
+            payload, opcode, self._parts = b"".join(self._parts), self._opcode, None
+        elif self._parts is not None:
+            raise ProtocolViolation(frames.PROTOCOL_ERROR, "a new message before the fragmented one ended")
+        elif not fin:
+            self._parts, self._opcode = [payload], opcode
+            return
+        if opcode == frames.BINARY:
+            self.session.binary()
+            return
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolViolation(frames.INVALID_DATA, "a text message must be UTF-8")
+        self.session.received(text)
+
+    def _peer_closed(self, payload: bytes) -> None:
+        code, _ = frames.parse_close(payload)
+        if self.state == _OPEN:
+            # Answer with the same code; the server closes the TCP connection (RFC 6455 7.1.1).
+            self._write(frames.close_frame(code if code is not None else frames.NORMAL))
+        self.state = _CLOSING
+        self.transport.loseConnection()
+
+    def _fail(self, code: int, reason: str) -> None:
+        """The peer broke the protocol: tell it why and hang up (RFC 6455 7.1.7)."""
+        self._buffer, self._parts = b"", None
+        if self.state == _OPEN:
+            self.factory.metrics.closes[code].inc()
+            self._write(frames.close_frame(code, reason))
+        self.state = _CLOSING
+        self.transport.loseConnection()
+
+    # -- writing ----------------------------------------------------------------------------------
+    def _write(self, data: bytes) -> None:
+        t = self.transport
+        # Twisted's write() buffers and waits for the socket to become writable (an epoll
+        # registration and a reactor turn per message); when nothing is buffered, sending at once
+        # keeps the order and saves both, which is most of a fan-out's cost beyond send() itself.
+        # What the socket does not take goes through write() as usual (tests/test_ws_server.py).
+        # With TLS on the connection (ssl: listeners), bytes must go through write() to be encrypted.
+        if self._direct and not t.TLS and not t.dataBuffer and not t._tempDataLen and t.connected and not t.disconnecting:
+            sent = t.writeSomeData(data)
+            if isinstance(sent, int) and sent >= 0:
+                if sent == len(data):
+                    return
+                data = data[sent:]
+        t.write(data)
+
+    # -- Peer -------------------------------------------------------------------------------------
+    def send_json(self, message: Any) -> None:
+        self.send(json.dumps(message, separators=(",", ":")).encode("utf-8"))
+
+    def send(self, message: bytes) -> None:
+        """Payload bytes, or a frame the factory prepared once for many connections."""
+        if self.state == _OPEN:
+            self._write(message if type(message) is Prepared else frames.encode(frames.TEXT, message))
+
+    def close(self, code: int, reason: str) -> None:
+        """Start the close handshake; the peer has ``close_timeout`` seconds to answer it."""
+        if self.state != _OPEN:
+            return
+        self.factory.metrics.closes[code].inc()
+        self._write(frames.close_frame(code, reason))
+        self.state = _CLOSING
+        self._close_timer = self.factory.clock.callLater(self.factory.close_timeout, self.abort)
+
+    def ping(self) -> None:
+        if self.state == _OPEN:
+            self._write(frames.encode(frames.PING, b""))
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+
+class PresenceServerFactory(Factory):
+    """Every connection of the listener, and one wheel for their deadlines (no timer each)."""
+
+    def __init__(self, route: Callable[[str, Peer], Session], reactor: IReactorTime, metrics: Metrics, *,
+                 max_message: int, handshake_timeout: float, ping_interval: float, close_timeout: float = 5.0):
+        self.route = route
+        self.clock = reactor
+        self.metrics = metrics
+        self.max_message = max_message
+        self.handshake_timeout = handshake_timeout
+        self.ping_interval = ping_interval
+        self.close_timeout = close_timeout
+        self.open_connections: set[PresenceServerProtocol] = set()
+        self.handshaking: dict[PresenceServerProtocol, float] = {}
+        self._deadlines = LoopingCall(self._expire_handshakes)
+        self._deadlines.clock = reactor
+        self._pings = LoopingCall(self._sweep)
+        self._pings.clock = reactor
+        self._sweeping: Iterator[PresenceServerProtocol] | None = None
+
+    def buildProtocol(self, addr: Any) -> PresenceServerProtocol:
+        return PresenceServerProtocol(self)
+
+    def prepare(self, payload: bytes) -> Prepared:
+        return Prepared(frames.encode(frames.TEXT, payload))
+
+    def startFactory(self) -> None:
+        self._deadlines.start(min(1.0, self.handshake_timeout / 4), now=False)
+        if self.ping_interval > 0:
+            self._pings.start(self.ping_interval, now=False)
+
+    def stopFactory(self) -> None:
+        for loop in (self._deadlines, self._pings):
+            if loop.running:
+                loop.stop()
+        self._sweeping = None
+
+    def close_all(self, code: int, reason: str) -> None:
+        for protocol in list(self.open_connections):
+            protocol.close(code, reason)
+
+    # -- the wheel --------------------------------------------------------------------------------
+    def _expire_handshakes(self) -> None:
+        too_old = self.clock.seconds() - self.handshake_timeout
+        for protocol, since in list(self.handshaking.items()):
+            if since <= too_old:
+                del self.handshaking[protocol]
+                log.info("dropped a connection that did not finish its handshake within {timeout:g}s",
+                         timeout=self.handshake_timeout, event="websocket.handshake_timeout")
+                protocol.abort()
+
+    SWEEP_SLICE = 2000  # connections looked at per reactor turn: a sweep never stalls the loop
+
+    def _sweep(self) -> None:
+        """Every ping interval: a peer heard since the last sweep is fine; one not heard gets a
+        ping; one that did not answer the last ping either is dropped."""
+        if self._sweeping is None:
+            self._sweeping = iter(list(self.open_connections))
+            self._sweep_slice()
+
+    def _sweep_slice(self) -> None:
+        if self._sweeping is None:
+            return
+        looked = 0
+        for protocol in self._sweeping:
+            if protocol.state == _OPEN:
+                protocol._idle += 1
+                if protocol._idle == 2:
+                    protocol.ping()
+                elif protocol._idle > 2:
+                    log.info("dropped a connection that did not answer a ping within {interval:g}s",
+                             interval=self.ping_interval, event="websocket.ping_timeout")
+                    protocol.abort()
+            looked += 1
+            if looked == self.SWEEP_SLICE:
+                self.clock.callLater(0, self._sweep_slice)
+                return
+        self._sweeping = None
+
+
+def not_found(path: str) -> HandshakeError:
+    return HandshakeError(404, f"no websocket at {path}: use /presence for devices or /<appid> for applications")
