@@ -35,7 +35,7 @@ class DeviceConnection(Protocol):
     def notify(self, notifications: list[dict]) -> None: ...
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Link:
     """This node's connection of one device (live, or dropped and in its grace period)."""
 
