@@ -343,9 +343,12 @@ class Streams:
     def unsubscribe(self, subscriber: Subscriber) -> None:
         channel = self.channels.get(subscriber.app_id)
         left = subscriber.detach()
-        if channel is None or subscriber not in channel.subscribers:
+        if channel is None:
             return
-        index = channel.subscribers.index(subscriber)
+        try:
+            index = channel.subscribers.index(subscriber)   # one scan: an application may have 19,000
+        except ValueError:
+            return                   # already gone
         del channel.subscribers[index]
         fanout = self._fanout
         in_flight = fanout is not None and fanout.channel is channel
