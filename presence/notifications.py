@@ -12,11 +12,10 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
-from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.python.failure import Failure
 
 from presence import changelog, errors
+from presence.batching import Grouped
 from presence.errors import PresenceError
 from presence.hub import Hub
 from presence.metrics import Metrics
@@ -69,8 +68,9 @@ class Notifier:
         self.max_batch = max_batch
         self.metrics = metrics or Metrics()
         self._buckets: dict[str, tuple[float, float]] = {}   # app_id -> (tokens, when)
-        self._acks: list[tuple[str, list[int], Deferred]] = []
-        self._acking = False
+        # Acks and the lookups of devices that connect come in bursts: each is group-committed.
+        self._ack = Grouped(self._ack_batch)
+        self._waiting = Grouped(self._waiting_batch)
 
     def admit(self, app_id: str, count: int) -> None:
         """Take ``count`` tokens of the application's bucket, or raise RateLimited saying when."""
@@ -121,39 +121,25 @@ class Notifier:
         return results
 
     async def waiting(self, email: str) -> list[Notification]:
-        return await self.store.pending_notifications(email, self.clock.seconds() - self.ttl)
+        return await self._waiting(email)
+
+    async def _waiting_batch(self, emails: list[str]) -> list[list[Notification]]:
+        found = await self.store.pending_notifications_of(emails, self.clock.seconds() - self.ttl)
+        return [found.get(email, []) for email in emails]
 
     async def ack(self, email: str, ids: Any) -> int:
         if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids) \
                 or len(ids) > 10_000:
             raise PresenceError(errors.BAD_FIELD, "ids must be a list of notification ids (integers)")
-        d: Deferred = Deferred()
-        self._acks.append((email, ids, d))
-        if not self._acking:
-            self._acking = True
-            ensureDeferred(self._run_acks())
-        acked = await d
+        acked = await self._ack((email, ids))
         self.metrics.notifications_acked.inc(acked)
         return acked
 
-    async def _run_acks(self) -> None:
-        """Group commit, as for status changes: the acks that arrive while one batch is deleted
-        make up the next, deleted in one transaction (each is one write otherwise)."""
-        try:
-            while self._acks:
-                batch, self._acks = self._acks[:500], self._acks[500:]
-                try:
-                    gone = await self.store.ack_notifications_of(
-                        [(email, i) for email, ids, _ in batch for i in dict.fromkeys(ids)])
-                except Exception:
-                    failure = Failure()
-                    for *_, d in batch:
-                        d.errback(failure)
-                    continue
-                for email, ids, d in batch:
-                    d.callback(sum((email, i) in gone for i in dict.fromkeys(ids)))
-        finally:
-            self._acking = False
+    async def _ack_batch(self, batch: list[tuple[str, list[int]]]) -> list[int]:
+        """The acks that arrive while one batch is deleted make up the next, deleted in one
+        transaction (each is one write otherwise)."""
+        gone = await self.store.ack_notifications_of([(email, i) for email, ids in batch for i in dict.fromkeys(ids)])
+        return [sum((email, i) in gone for i in dict.fromkeys(ids)) for email, ids in batch]
 
     async def expire(self) -> int:
         n = await self.store.expire_notifications(self.clock.seconds() - self.ttl)

@@ -1440,3 +1440,19 @@ async def test_a_notification_batch_keeps_each_queue_first_in_first_out(store):
     assert [n.message for n in await store.pending_notifications("p@x", 0)] == ["m1", "m2", "m3"]
     [q] = await store.pending_notifications("q@x", 0)
     assert (q.message, q.action, q.id) == ("for q", "https://q", results[-1].notification.id)
+
+
+@pytest_twisted.ensureDeferred
+async def test_pending_notifications_of_several_people_in_one_call(store):
+    await granted(store, "p@x", "app1")
+    await granted(store, "q@x", "app1")
+    await granted(store, "r@x", "app1")
+    await store.queue_notifications("app1", [("app1-p@x", "old", None)], 1.0, 10)
+    await store.queue_notifications("app1", [("app1-p@x", "p1", None), ("app1-q@x", "q1", "https://q"),
+                                             ("app1-p@x", "p2", None)], 5.0, 10)
+    found = await store.pending_notifications_of(["q@x", "p@x", "r@x", "p@x"], 2.0)
+    assert set(found) == {"p@x", "q@x"}                       # nothing waits for r: left out
+    assert [n.message for n in found["p@x"]] == ["p1", "p2"]  # oldest first; "old" is before not_before
+    assert [(n.message, n.action, n.app_id) for n in found["q@x"]] == [("q1", "https://q", "app1")]
+    many = [f"n{i}@x" for i in range(1200)] + ["q@x"]          # over one IN list (500)
+    assert list(await store.pending_notifications_of(many, 0)) == ["q@x"]

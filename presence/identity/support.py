@@ -8,6 +8,7 @@ time and size.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import re
@@ -65,6 +66,11 @@ def check_domain(domain: Any, insecure: bool) -> str:
     """
     if not isinstance(domain, str) or not domain:
         raise ValueError("empty domain")
+    return _checked_domain(domain, insecure)
+
+
+@functools.lru_cache(maxsize=4096)   # every assertion names its issuer: the same few domains
+def _checked_domain(domain: str, insecure: bool) -> str:
     domain = domain.lower()
     m = _HOSTPORT.match(domain)
     if not m:

@@ -277,6 +277,10 @@ class Store(Protocol):
         """Everything waiting for a person (every application), oldest first; older than
         ``not_before`` is left out (and expires)."""
 
+    async def pending_notifications_of(self, emails: list[str], not_before: float) -> dict[str, list[Notification]]:
+        """``pending_notifications`` of several people in one round trip (devices connecting in a
+        burst); people with nothing waiting are left out."""
+
     async def ack_notifications(self, email: str, ids: list[int]) -> int:
         """Remove the person's items with these ids; returns how many there were."""
 

@@ -510,12 +510,20 @@ class SQLStore(WebQueries):
         return await self._transaction(interaction())
 
     async def pending_notifications(self, email: str, not_before: float) -> list[Notification]:
-        rows = await self._query(
-            "SELECT n.id, n.email, n.app_id, a.name, a.domain, n.message, n.action, n.at FROM notifications n"
-            " JOIN applications a ON a.app_id = n.app_id WHERE n.email = ? AND n.at >= ? ORDER BY n.id",
-            (email, not_before))
-        return [Notification(int(i), e, a, name, domain, m, act, float(at))
-                for i, e, a, name, domain, m, act, at in rows]
+        return (await self.pending_notifications_of([email], not_before)).get(email, [])
+
+    async def pending_notifications_of(self, emails: list[str], not_before: float) -> dict[str, list[Notification]]:
+        emails = sorted(set(emails))
+        found: dict[str, list[Notification]] = {}
+        for start in range(0, len(emails), IN_BATCH):
+            part = emails[start:start + IN_BATCH]
+            rows = await self._query(
+                "SELECT n.id, n.email, n.app_id, a.name, a.domain, n.message, n.action, n.at FROM notifications n"
+                f" JOIN applications a ON a.app_id = n.app_id WHERE n.email IN {_in(part)} AND n.at >= ?"
+                " ORDER BY n.id", (*part, not_before))
+            for i, e, a, name, domain, m, act, at in rows:
+                found.setdefault(e, []).append(Notification(int(i), e, a, name, domain, m, act, float(at)))
+        return found
 
     async def ack_notifications(self, email: str, ids: list[int]) -> int:
         return len(await self.ack_notifications_of([(email, i) for i in ids]))

@@ -98,6 +98,8 @@ def parse_request(head: bytes) -> Request:
 
 
 def _tokens(value: str) -> set[str]:
+    if "," not in value:                 # the usual case: one token
+        return {value.strip().lower()}
     return {t.strip().lower() for t in value.split(",")}
 
 
