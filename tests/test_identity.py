@@ -951,3 +951,35 @@ async def test_end_to_end_issuer_down():
         await v.verify(assertion)
     assert info.value.errno == errors.ASSERTION_UNAVAILABLE
     assert "could not fetch" in info.value.message
+
+
+# --- the certificate cache -----------------------------------------------------------------------
+
+
+def test_a_certificate_presented_again_costs_one_rsa_check_not_two(env, monkeypatch):
+    checked = []
+    real = jws.verify
+    monkeypatch.setattr(jws, "verify", lambda token, key, what, whose: (checked.append(what), real(token, key, what, whose)))
+    verifier = env.verifier()
+    cert = env.issuer.certify("alice@example.com", user_key().public_key(), NOW)
+    for _ in range(3):
+        assert verify(verifier, make_assertion(cert, user_key(), AUD, NOW)).email == "alice@example.com"
+    assert checked == ["assertion", "certificate", "assertion", "assertion"]
+    # the assertion half is always checked: a cached certificate does not excuse a bad signature on it
+    refused(verifier, make_assertion(cert, other_key(), AUD, NOW), errors.ASSERTION_SIGNATURE, "assertion")
+
+
+def test_a_forged_certificate_is_not_excused_by_a_cached_genuine_one(env):
+    verifier = env.verifier()
+    cert, asr = env.assertion().split("~")
+    verify(verifier, f"{cert}~{asr}")
+    forged = _swap_payload(cert, cert_claims(principal={"email": "boss@example.com"}))
+    refused(verifier, f"{forged}~{asr}", errors.ASSERTION_SIGNATURE, "certificate")
+
+
+def test_the_certificate_cache_is_bounded(env):
+    verifier = env.verifier()
+    verifier.max_verified_certs = 3
+    for i in range(5):
+        verify(verifier, env.assertion(email=f"u{i}@example.com"))
+    assert len(verifier._verified_certs) == 3

@@ -7,6 +7,7 @@ then the issuer's key and the certificate's signature.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -129,6 +130,11 @@ class Verifier:
             if isinstance(key, dict):
                 key = jws.public_key_from_json(key)
             self.local_issuers[issuer.lower()] = key
+        # Certificates whose signature checked out, by digest, with the issuer key that checked it:
+        # a device reconnecting presents the same certificate, and an RSA verification is the
+        # dearest part of a connect. A different key object (rotated, fetched again) checks anew.
+        self._verified_certs: dict[bytes, rsa.RSAPublicKey] = {}
+        self.max_verified_certs = 50_000
 
     @classmethod
     def from_config(
@@ -229,7 +235,12 @@ class Verifier:
 
         await self._check_trust(issuer, domain)
         key, whose = await self._issuer_key(issuer)
-        jws.verify(cert, key, "certificate", whose)
+        digest = hashlib.sha256(cert.signing_input + b"." + cert.signature).digest()
+        if self._verified_certs.get(digest) is not key:
+            jws.verify(cert, key, "certificate", whose)
+            if len(self._verified_certs) >= self.max_verified_certs:
+                del self._verified_certs[next(iter(self._verified_certs))]   # the oldest
+            self._verified_certs[digest] = key
         return Identity(email, issuer, cert_exp / 1000)
 
     async def _check_trust(self, issuer: str, domain: str) -> None:
