@@ -11,6 +11,7 @@ import re
 from twisted.internet.interfaces import IReactorTime
 
 from presence import errors
+from presence.batching import Grouped
 from presence.errors import PresenceError
 from presence.keys import hash_key, key_matches, new_id, new_key
 from presence.store import App, Grant, Store
@@ -41,6 +42,13 @@ class Applications:
         self.store = store
         self.clock = clock
         self.allow_ports = allow_ports
+        # Applications connect in bursts (a node restarts, a load balancer moves them): their
+        # lookups share round trips.
+        self._lookup = Grouped(self._lookup_batch)
+
+    async def _lookup_batch(self, app_ids: list[str]) -> list[App | None]:
+        found = await self.store.get_apps(app_ids)
+        return [found.get(app_id) for app_id in app_ids]
 
     async def register(self, developer: str, domain: str, name: str, description: str) -> App:
         domain = validate_domain(domain, self.allow_ports)
@@ -70,7 +78,7 @@ class Applications:
         """The application stream's check: raises a PresenceError with the errno and close code to use."""
         if not isinstance(key, str) or not key:
             raise PresenceError(errors.BAD_FIELD, 'send {"key": "<your API key>"} first', errors.CLOSE_AUTH_FAILED)
-        app = await self.store.get_app(app_id)
+        app = await self._lookup(app_id)
         if app is None:
             raise PresenceError(errors.UNKNOWN_APP, f"no application {app_id!r}", errors.CLOSE_UNKNOWN_APP)
         if app.state == PENDING:

@@ -1456,3 +1456,28 @@ async def test_pending_notifications_of_several_people_in_one_call(store):
     assert [(n.message, n.action, n.app_id) for n in found["q@x"]] == [("q1", "https://q", "app1")]
     many = [f"n{i}@x" for i in range(1200)] + ["q@x"]          # over one IN list (500)
     assert list(await store.pending_notifications_of(many, 0)) == ["q@x"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_get_apps_finds_several_in_one_call(store):
+    a = await active_app(store, "app1")
+    b = await active_app(store, "app2")
+    assert await store.get_apps(["app2", "nope", "app1", "app2"]) == {"app1": a, "app2": b}
+    assert await store.get_apps([]) == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_open_streams_subscribes_and_takes_what_waits_for_each_application(store):
+    await store.queue_pending([
+        pending("app1", "b@x", at=20.0), pending("app1", "a@x", at=10.0), pending("app1", "old@x", at=1.0),
+        pending("app2", "a@x", at=15.0), pending("app3", "z@x", at=15.0),
+    ])
+    ids = ["app1", "app2", "app4"] + [f"more{i}" for i in range(600)]     # over one IN list (500)
+    taken = await store.open_streams("node1", ids, not_before=10.0)
+    assert set(taken) == set(ids)
+    assert [(u.email, u.at) for u in taken["app1"]] == [("a@x", 10.0), ("b@x", 20.0)]
+    assert [u.email for u in taken["app2"]] == ["a@x"] and taken["app4"] == []
+    assert await store.subscribed(["app1", "app2", "app4", "more599", "app3"]) == {"app1", "app2", "app4", "more599"}
+    assert await store.count_pending() == 1                                # app3's stays; the expired one is gone
+    assert (await store.open_streams("node1", ["app1"], 0))["app1"] == []  # taken once; subscribing again is fine
+    assert await store.take_subscriptions("node1") == sorted(ids)

@@ -178,6 +178,10 @@ class Store(Protocol):
     async def get_app(self, app_id: str) -> App | None:
         """By public app id."""
 
+    async def get_apps(self, app_ids: list[str]) -> dict[str, App]:
+        """Several applications by public id in one round trip (a burst of connects); unknown ids
+        are left out."""
+
     async def get_app_by_id(self, id: int) -> App | None: ...
 
     async def list_apps(self, developer: str | None = None) -> list[App]:
@@ -293,6 +297,10 @@ class Store(Protocol):
     # -- waiting updates for applications without a connection -----------------------------
     async def queue_pending(self, updates: list[PendingUpdate]) -> None:
         """Upsert by (app_id, email): a newer update (by ``at``) replaces an older one, never the reverse."""
+
+    async def open_streams(self, node: str, app_ids: list[str], not_before: float) -> dict[str, list[PendingUpdate]]:
+        """``subscribe`` then ``take_pending`` for several applications, in one transaction (a burst
+        of application connects costs one round trip)."""
 
     async def take_pending(self, app_id: str, not_before: float) -> list[PendingUpdate]:
         """Remove and return the app's waiting updates, ordered by ``at``; those older than

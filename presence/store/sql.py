@@ -191,6 +191,16 @@ class SQLStore(WebQueries):
     async def get_app(self, app_id: str) -> App | None:
         return _one_app(await self._query(f"SELECT {APP_COLUMNS} FROM applications WHERE app_id = ?", (app_id,)))
 
+    async def get_apps(self, app_ids: list[str]) -> dict[str, App]:
+        ids = sorted(set(app_ids))
+        found: dict[str, App] = {}
+        for start in range(0, len(ids), IN_BATCH):
+            part = ids[start:start + IN_BATCH]
+            for row in await self._query(f"SELECT {APP_COLUMNS} FROM applications WHERE app_id IN {_in(part)}", tuple(part)):
+                app = _app(row)
+                found[app.app_id] = app
+        return found
+
     async def get_app_by_id(self, id: int) -> App | None:
         return _one_app(await self._query(f"SELECT {APP_COLUMNS} FROM applications WHERE id = ?", (id,)))
 
@@ -571,6 +581,24 @@ class SQLStore(WebQueries):
                 " WHERE excluded.at >= pending.at",
                 tuple(value for row in batch for value in row),
             )
+
+    async def open_streams(self, node: str, app_ids: list[str], not_before: float) -> dict[str, list[PendingUpdate]]:
+        ids = sorted(set(app_ids))
+
+        def interaction():
+            taken: dict[str, list[PendingUpdate]] = {app_id: [] for app_id in ids}
+            for start in range(0, len(ids), IN_BATCH):
+                part = ids[start:start + IN_BATCH]
+                # Registered before taking what waits: a change made after this goes to a connection.
+                yield ("INSERT INTO subscriptions (node, app_id) VALUES " + ", ".join(["(?, ?)"] * len(part))
+                       + " ON CONFLICT (node, app_id) DO NOTHING", tuple(v for app_id in part for v in (node, app_id)))
+                rows = yield (f"DELETE FROM pending WHERE app_id IN {_in(part)} RETURNING {PENDING_COLUMNS}", tuple(part))
+                for update in (_record(PendingUpdate, row) for row in rows):
+                    if update.at >= not_before:
+                        taken[update.app_id].append(update)
+            return {app_id: sorted(updates, key=lambda u: (u.at, u.email)) for app_id, updates in taken.items()}
+
+        return await self._transaction(interaction())
 
     async def take_pending(self, app_id: str, not_before: float) -> list[PendingUpdate]:
         rows = await self._query(f"DELETE FROM pending WHERE app_id = ? RETURNING {PENDING_COLUMNS}", (app_id,))
