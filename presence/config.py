@@ -60,6 +60,7 @@ class Config:
 
     # Logs: also write every log event as a JSON line to this file ("-": standard output).
     log_json: str = ""
+    log_connections: bool = False
 
     # The web pages: sessions, Presence's own identity provider, domain verification.
     session_secret_file: str = ""     # empty: a secret kept in the database, shared by every node

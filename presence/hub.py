@@ -104,7 +104,9 @@ class Hub:
                 taken_over.append(True)
                 return
             if app_ids is None:
-                devices[link.device] = dataclasses.replace(device, status=status, overrides={}, last_seen=now)
+                # positional, not dataclasses.replace: this runs for every status change
+                devices[link.device] = Device(device.email, device.device, device.node, status, now, device.session,
+                                              device.scope, {})
             else:
                 overrides = dict(device.overrides)
                 overrides.update({a: status for a in app_ids if visible_to(device, a)})
@@ -194,7 +196,7 @@ class Hub:
                 batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
                 try:
                     changes = await self.store.change_people([(e, m, x) for e, m, x, _ in batch], self.node,
-                                                             self.clock.seconds())
+                                                             self.clock.seconds(), held=self.streams.channels)
                 except Exception:
                     failure = Failure()
                     for *_, d in batch:

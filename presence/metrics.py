@@ -6,10 +6,13 @@ bound once, here: a hot path holds the bound child and only calls ``inc()`` or `
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from time import perf_counter
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
@@ -30,6 +33,35 @@ class _PerValue:
         if child is None:
             child = self.children[value] = self.metric.labels(*self.prefix, str(value))
         return child
+
+
+class BulkHistogram:
+    """A histogram the reactor fills without a lock, and many equal observations at once: a fan-out
+    to 19,000 applications observes the same latency 19,000 times in one turn. Exported through a
+    custom collector, so it scrapes like any prometheus_client histogram."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...], registry: CollectorRegistry):
+        self.name, self.documentation = name, documentation
+        self.bounds = tuple(float(b) for b in buckets)
+        self.counts = [0] * (len(self.bounds) + 1)     # the last one: above every bound (+Inf)
+        self.sum = 0.0
+        registry.register(self)
+
+    def observe(self, value: float, times: int = 1) -> None:
+        self.counts[bisect_left(self.bounds, value)] += times
+        self.sum += value * times
+
+    def collect(self):
+        family = HistogramMetricFamily(self.name, self.documentation)
+        cumulative, buckets = 0, []
+        for bound, count in zip((*self.bounds, float("inf")), self.counts):
+            cumulative += count
+            buckets.append((floatToGoString(bound), cumulative))
+        family.add_metric([], buckets, self.sum)
+        yield family
+
+    def describe(self):
+        return [HistogramMetricFamily(self.name, self.documentation)]
 
 
 class Metrics:
@@ -54,11 +86,11 @@ class Metrics:
         self.updates_delivered = Counter("presence_updates_delivered_total",
                                          "Updates written to application connections (one per update and connection)",
                                          registry=r)
-        self.delivery_latency = Histogram("presence_delivery_latency_seconds",
-                                          "From a change to its list being written to the application connections",
-                                          buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("presence_batch_size", "Updates per list sent to an application",
-                                    buckets=BATCH_BUCKETS, registry=r)
+        self.delivery_latency = BulkHistogram("presence_delivery_latency_seconds",
+                                              "From a change to its list being written to the application connections",
+                                              LATENCY_BUCKETS, r)
+        self.batch_size = BulkHistogram("presence_batch_size", "Updates per list sent to an application",
+                                        BATCH_BUCKETS, r)
         self.slow_closed = Counter("presence_slow_connections_closed_total",
                                    "Application connections closed for not reading (their changes went back to the queue)",
                                    registry=r)

@@ -107,16 +107,20 @@ class Node(Service):
         self._started: Deferred | None = None
         self._stopping = False
         self.ready = False
+        # This node's session classes carry its --log-connections (a class attribute: no slot each).
+        flags = {"__slots__": (), "log_connections": config.log_connections}
+        self._device_session = type("DeviceSession", (DeviceSession,), flags)
+        self._app_session = type("AppSession", (AppSession,), flags)
 
     # -- routing websocket paths to sessions ----------------------------------------------------------
     def route(self, path: str, peer: Any):
         c = self.config
         if path == "/presence":
-            return DeviceSession(peer, self.hub, self.verifier, self.reactor, c.auth_timeout,
+            return self._device_session(peer, self.hub, self.verifier, self.reactor, c.auth_timeout,
                                  c.device_rate, c.device_burst, self.metrics, self.notifier)
         match = _APP_PATH.match(path)
         if match:
-            return AppSession(peer, match.group(1), self.apps, self.streams, self.reactor, c.auth_timeout,
+            return self._app_session(peer, match.group(1), self.apps, self.streams, self.reactor, c.auth_timeout,
                               self.metrics, self.notifier)
         raise not_found(path)
 

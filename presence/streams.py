@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from presence import errors
+from presence.batching import Grouped
 from presence.metrics import Metrics
 from presence.store import PendingUpdate, Store
 from presence.views import Update
@@ -30,8 +31,16 @@ from presence.views import Update
 log = Logger()
 
 
+_string = json.encoder.encode_basestring_ascii   # what json.dumps does to a str, in C
+
+
 def encode(updates: Iterable[Update]) -> bytes:
-    return json.dumps([u.as_json() for u in updates], separators=(",", ":")).encode("utf-8")
+    """``[u.as_json() for u in updates]`` as compact JSON, written directly: a fan-out to 19,000
+    applications encodes 19,000 lists, and this is several times faster than ``json.dumps`` of
+    dicts (tests/test_streams.py holds the two equal)."""
+    return ("[" + ",".join([
+        '{"email":' + _string(u.email) + ',"status":' + _string(u.status) + ',"uid":' + _string(u.uid)
+        + ',"at":' + repr(round(u.at, 3)) + "}" for u in updates]) + "]").encode("ascii")
 
 
 def encode_lists(updates: list[Update], limit: int) -> list[bytes]:
@@ -223,6 +232,9 @@ class Streams:
         self._unsaved: dict[tuple[str, str], Update] = {}
         self._retry: IDelayedCall | None = None
         self._writes: set[Deferred] = set()
+        # Connections come in bursts (a restart, a storm): registering and taking what waits is one
+        # store transaction for all the applications that connect meanwhile.
+        self._open = Grouped(self._open_batch)
 
     # -- changes in ---------------------------------------------------------------------------
     def publish(self, updates: list[Update], queued: frozenset[str] = frozenset()) -> None:
@@ -329,8 +341,7 @@ class Streams:
         self.channels.setdefault(app_id, _Channel()).subscribers.append(subscriber)
         try:
             # Registered before taking what waits: a change made after this goes to a connection.
-            await self.store.subscribe(self.node, app_id)
-            waiting = await self.store.take_pending(app_id, self.clock.seconds() - self.pending_ttl)
+            waiting = await self._open(app_id)
         except BaseException:
             self.unsubscribe(subscriber)
             raise
@@ -339,6 +350,15 @@ class Streams:
             del self._unsaved[(app_id, u.email)]
         subscriber.loaded([Update(p.app_id, p.email, p.uid, p.status, p.at) for p in waiting] + kept)
         return subscriber
+
+    async def _open_batch(self, app_ids: list[str]) -> list[list[PendingUpdate]]:
+        taken = await self.store.open_streams(self.node, app_ids, self.clock.seconds() - self.pending_ttl)
+        seen: set[str] = set()
+        out = []
+        for app_id in app_ids:   # two connections of one application in a batch: the first takes all
+            out.append([] if app_id in seen else taken[app_id])
+            seen.add(app_id)
+        return out
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         channel = self.channels.get(subscriber.app_id)

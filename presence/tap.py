@@ -48,6 +48,7 @@ SETTINGS: list[tuple[str, str]] = [
     ("handshake_timeout", "seconds a client has to finish the websocket opening handshake"),
     ("ping_interval", "seconds between websocket pings (0: none); a peer that does not answer is dropped"),
     ("log_json", "also write the log as JSON lines (one event per line) to this file; '-' for standard output"),
+    ("log_connections", "log every device and application that authenticates (off: at thousands of connects a second those lines are most of the log and a fair part of its cost; presence_handshakes_total counts them)"),
     ("session_secret_file", "file holding the secret that signs the pages' cookies (made if missing); empty: kept in the database, shared by all nodes"),
     ("session_lifetime", "seconds a sign-in to the pages lasts"),
     ("identity_key_file", "PEM private key of Presence's own identity provider (made if missing); empty: kept in the database"),

@@ -44,7 +44,7 @@ async def test_a_full_flow_logs_stable_events_as_json_lines_and_no_secret(idp, t
     process = subprocess.Popen(
         [twistd(), "-n", "--pidfile=", "presence", "--web", f"tcp:{web}:interface=127.0.0.1",
          "--ws", f"tcp:{ws}:interface=127.0.0.1", "--database", database, "--public-url", AUDIENCE,
-         "--insecure-identity", "--trusted-issuer", idp.domain, "--grace", "1", "--log-json", str(log_json)],
+         "--insecure-identity", "--trusted-issuer", idp.domain, "--grace", "1", "--log-json", str(log_json), "--log-connections"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:

@@ -142,3 +142,22 @@ async def test_sigterm_drains_devices_over_the_drain_time_and_loses_no_change(id
         offline += statuses(await stream.receive())
     assert sorted(offline) == sorted((email, "offline") for email in people)
     await eventually(lambda: stream.close_code == errors.CLOSE_GOING_AWAY)
+
+
+def test_bulk_histogram_scrapes_like_a_prometheus_histogram():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from presence.metrics import BulkHistogram
+
+    registry = CollectorRegistry()
+    h = BulkHistogram("x_seconds", "an example", (0.1, 1.0), registry)
+    h.observe(0.1)               # on a bound: counts in that bucket (le is "less or equal")
+    h.observe(0.5, times=19_000)
+    h.observe(7.0)
+    value = registry.get_sample_value
+    assert value("x_seconds_bucket", {"le": "0.1"}) == 1
+    assert value("x_seconds_bucket", {"le": "1.0"}) == 19_001
+    assert value("x_seconds_bucket", {"le": "+Inf"}) == 19_002
+    assert value("x_seconds_count") == 19_002
+    assert value("x_seconds_sum") == pytest.approx(0.1 + 9_500 + 7.0)
+    assert b"# TYPE x_seconds histogram" in generate_latest(registry)

@@ -1481,3 +1481,25 @@ async def test_open_streams_subscribes_and_takes_what_waits_for_each_application
     assert await store.count_pending() == 1                                # app3's stays; the expired one is gone
     assert (await store.open_streams("node1", ["app1"], 0))["app1"] == []  # taken once; subscribing again is fine
     assert await store.take_subscriptions("node1") == sorted(ids)
+
+
+@pytest_twisted.ensureDeferred
+async def test_applications_the_caller_holds_are_not_queued_and_others_are_looked_up(store):
+    """A person granted 520 applications (over one IN list of 500): those the caller holds are
+    never queued; of the rest, those another node subscribed are not queued either."""
+    apps = [f"app{i}" for i in range(520)]
+    for app_id in apps:
+        await store.create_app("dev@x", f"{app_id}.example.com", "A", "", KEY, 1.0)
+    for app in await store.list_apps():
+        await store.mark_verified(app.id, app.domain.split(".")[0], 1.0)   # app17.example.com is app17
+    for app_id in apps:
+        await store.add_grant("p@x", app_id, f"{app_id}-p", 1.0)
+    await store.subscribe("other-node", "app507")
+    held = {f"app{i}": None for i in range(0, 520, 2)}           # a dict, as Streams.channels is
+    [change] = await store.change_people([("p@x", put(dev("p@x", "phone", "online")), None)], "node1", 5.0,
+                                         held=held)
+    assert len(change.updates) == 520
+    assert change.queued == {f"app{i}" for i in range(1, 520, 2)} - {"app507"}
+    [change] = await store.change_people([("p@x", put(dev("p@x", "phone", "offline")), None)], "node1", 6.0)
+    assert change.queued == set(apps) - {"app507"}
+    assert await store.count_pending() == 519                        # the newest per application

@@ -399,3 +399,46 @@ async def test_metrics_count_every_delivery_with_one_increment_per_turn(sqlite_s
     assert registry.get_sample_value("presence_batch_size_count") == 10
     assert registry.get_sample_value("presence_batch_size_sum") == 20
     assert registry.get_sample_value("presence_delivery_latency_seconds_count") == 20
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_arriving_together_open_in_one_store_transaction(sqlite_store, monkeypatch):
+    from twisted.internet.defer import ensureDeferred, gatherResults
+
+    clock = Clock()
+    clock.advance(1000)
+    streams = Streams(sqlite_store, clock, node="n1", pending_ttl=3600)
+    await sqlite_store.queue_pending([PendingUpdate("a", "p@x", "u-p@x", "offline", 995),
+                                      PendingUpdate("b", "q@x", "u-q@x", "online", 996)])
+    calls = []
+    real = sqlite_store.open_streams
+
+    async def counting(node, app_ids, not_before):
+        calls.append(sorted(app_ids))
+        return await real(node, app_ids, not_before)
+
+    monkeypatch.setattr(sqlite_store, "open_streams", counting)
+    first = [ListPeer()]
+    rest = [ListPeer() for _ in range(3)]
+    await streams.subscribe("a", first[0])               # the first opens alone ...
+    await gatherResults([ensureDeferred(streams.subscribe(app, peer)) for app, peer in zip(["a", "b", "c"], rest)])
+    assert calls == [["a"], ["a", "b", "c"]]              # ... those arriving meanwhile together
+    assert first[0].sent == [as_json(upd("p@x", "offline", 995, app="a"))]
+    assert rest[0].sent == [] and rest[2].sent == []     # taken once, by the first connection of "a"
+    assert rest[1].sent == [as_json(upd("q@x", "online", 996, app="b"))]
+    assert await sqlite_store.subscribed(["a", "b", "c"]) == {"a", "b", "c"}
+
+
+def test_encode_writes_exactly_what_json_dumps_would():
+    import json
+    import math
+
+    from presence.streams import encode
+
+    updates = [upd("p@x", "online", 995.123456), upd('q"\\\u00e9\u2603@x', "offline", 1.0, uid="u\n1"),
+               upd("r@x", "unavailable", 1700000000.5), Update("app", "s@x", "u", "online", 7)]
+    expected = json.dumps([u.as_json() for u in updates], separators=(",", ":")).encode()
+    assert encode(updates) == expected
+    assert encode([]) == b"[]"
+    assert json.loads(encode(updates))[1]["email"] == 'q"\\\u00e9\u2603@x'
+    assert not math.isnan(json.loads(encode(updates))[0]["at"])

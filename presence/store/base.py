@@ -10,7 +10,7 @@ unknown application id given to a state change raises KeyError.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Mapping, Protocol
+from typing import Container, TYPE_CHECKING, Callable, Mapping, Protocol
 
 if TYPE_CHECKING:
     from presence.views import Update
@@ -222,9 +222,12 @@ class Store(Protocol):
         (with ``extra`` fields) to the change log, numbered in commit order."""
 
     async def change_people(self, changes: list[tuple[str, Callable[[dict[str, Device]], None], Mapping | None]],
-                            node: str, now: float) -> list[PersonChange]:
+                            node: str, now: float, held: Container[str] = ()) -> list[PersonChange]:
         """Several (email, mutate, extra) changes as change_person does them, in order, in one
-        transaction (group commit), logged as one change; one PersonChange per change."""
+        transaction (group commit), logged as one change; one PersonChange per change.
+
+        ``held``: applications the caller holds connections of, so certainly subscribed: the store
+        need not look them up to know they are not queued (a person may have granted thousands)."""
 
     async def emails_on_node(self, node: str) -> list[str]:
         """People with a device record on a node (to clean up after it)."""

@@ -78,13 +78,14 @@ def _record(cls: type[T], row: tuple) -> T:
 def _device(row: tuple) -> Device:
     email, device, node, status, last_seen, session, scope, overrides = row
     return Device(email, device, node, status, float(last_seen), session,
-                  None if scope is None else frozenset(json.loads(scope)), json.loads(overrides))
+                  None if scope is None else frozenset(json.loads(scope)),
+                  {} if overrides == "{}" else json.loads(overrides))   # nearly always "{}": no parse
 
 
 def _device_row(d: Device) -> tuple:
     scope = None if d.scope is None else json.dumps(sorted(d.scope))
     return (d.email, d.device, d.node, d.status, d.last_seen, d.session, scope,
-            json.dumps(dict(d.overrides), sort_keys=True))
+            json.dumps(dict(d.overrides), sort_keys=True) if d.overrides else "{}")
 
 
 def _in(values: list) -> str:
@@ -298,7 +299,7 @@ class SQLStore(WebQueries):
     async def change_person(self, email: str, mutate, node: str, now: float, extra=None) -> PersonChange:
         return (await self.change_people([(email, mutate, extra)], node, now))[0]
 
-    async def change_people(self, changes, node: str, now: float) -> list[PersonChange]:
+    async def change_people(self, changes, node: str, now: float, held=()) -> list[PersonChange]:
         """Several changes in one transaction (group commit): the people are locked and read with one
         statement each, the changes applied in order in memory, each person's final devices written
         once, and the whole batch logged as one change."""
@@ -338,9 +339,16 @@ class SQLStore(WebQueries):
             updates = [u for person_updates, _ in results for u in person_updates]
             queued: frozenset[str] = frozenset()
             if updates:
-                app_ids = sorted({u.app_id for u in updates})
-                rows = yield f"SELECT DISTINCT app_id FROM subscriptions WHERE app_id IN {_in(app_ids)}", tuple(app_ids)
-                queued = frozenset(app_ids) - {row[0] for row in rows}
+                # Only membership tests on ``held`` (the caller's live dict, read from the store's
+                # thread on SQLite: atomic under the GIL; an application that just left is caught
+                # by Streams.recently_left).
+                app_ids = sorted({u.app_id for u in updates if u.app_id not in held})
+                subscribed: set[str] = set()
+                for start in range(0, len(app_ids), IN_BATCH):
+                    part = app_ids[start:start + IN_BATCH]
+                    rows = yield f"SELECT DISTINCT app_id FROM subscriptions WHERE app_id IN {_in(part)}", tuple(part)
+                    subscribed.update(row[0] for row in rows)
+                queued = frozenset(app_ids) - subscribed
                 waiting = [(u.app_id, u.email, u.uid, u.status, u.at) for u in updates if u.app_id in queued]
                 if waiting:
                     yield from self._queue(waiting)

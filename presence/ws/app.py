@@ -53,7 +53,8 @@ class AppSession(Session):
         self.authenticated()
         self.app = app
         self.metrics.handshakes["application"].inc()
-        log.debug("application {app_id} connected", app_id=app.app_id, event="application.connected")
+        if self.log_connections:
+            log.info("application {app_id} connected", app_id=app.app_id, event="application.connected")
         self.peer.send_json({"result": "OK", "app_id": app.app_id})
         subscriber = await self.streams.subscribe(self.app_id, self)
         if self.closed:

@@ -13,7 +13,7 @@ from presence.keys import new_id
 from presence.metrics import Metrics
 from presence.ratelimit import TokenBucket
 from presence.status import is_status
-from presence.ws.session import Peer, Session, log, optional_ids
+from presence.ws.session import OK_REPLY, Peer, Session, log, optional_ids
 
 MAX_DEVICE_ID = 128
 
@@ -68,7 +68,8 @@ class DeviceSession(Session):
             return None
         self.device = link
         self.metrics.handshakes["device"].inc()
-        log.debug("device {device} of {email} connected", device=link.device, email=email, event="device.connected")
+        if self.log_connections:
+            log.info("device {device} of {email} connected", device=link.device, email=email, event="device.connected")
         self.peer.send_json({"result": True, "session_id": self.session_id})
         waiting = await self.notifier.waiting(email)
         if waiting and not self.closed:
@@ -91,7 +92,7 @@ class DeviceSession(Session):
             self.metrics.status_refused.inc()
             raise
         self.metrics.status_received.inc()
-        return {"result": "OK"}
+        return OK_REPLY
 
     async def handle_ack(self, message: dict) -> dict:
         if self.device is None:

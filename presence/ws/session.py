@@ -28,6 +28,9 @@ class Peer(Protocol):
     def close(self, code: int, reason: str) -> None: ...
 
 
+OK_REPLY = json.dumps({"result": "OK"}, separators=(",", ":")).encode("utf-8")
+
+
 def parse(text: str) -> dict:
     try:
         message = json.loads(text)
@@ -53,6 +56,7 @@ class Session:
 
     max_waiting = 32
     kind = ""   # "device" or "application", for metrics
+    log_connections = False   # Node sets it on its own subclasses from --log-connections
     # One of these per connection: slots keep it small.
     __slots__ = ("peer", "clock", "auth_timeout", "metrics", "closed", "_tail", "_waiting", "_deadline")
 
@@ -75,7 +79,13 @@ class Session:
             self.peer.send_json(PresenceError(errors.SLOW_DOWN, "too many messages waiting; slow down").reply())
             return
         self._waiting += 1
-        self._tail.addBoth(lambda _: ensureDeferred(self._handle(text)))
+        tail = self._tail
+        # Nothing in progress (fired, and not waiting on a message chained to it): start now,
+        # without chaining a callback.
+        if tail.called and not tail.paused:
+            self._tail = ensureDeferred(self._handle(text))
+        else:
+            self._tail.addBoth(lambda _: ensureDeferred(self._handle(text)))
 
     def binary(self) -> None:
         self.fail(PresenceError(errors.BINARY, "binary frames are not supported; send JSON text",
@@ -124,7 +134,10 @@ class Session:
             self.fail(PresenceError(errors.UNAVAILABLE, "internal error; try again shortly"))
         else:
             if reply is not None and not self.closed:
-                self.peer.send_json(reply)
+                if type(reply) is bytes:     # a reply encoded once for all (OK_REPLY)
+                    self.peer.send(reply)
+                else:
+                    self.peer.send_json(reply)
 
     def refused(self, error: PresenceError) -> None:
         """Count an authentication that failed (the protocol's failures, by errno)."""

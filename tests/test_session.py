@@ -1,0 +1,45 @@
+"""A session handles one connection's messages strictly in order, even when one waits."""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from presence.metrics import Metrics
+from presence.ws.session import OK_REPLY, Session
+from tests.fakes import ListPeer
+
+
+class Recording(Session):
+    __slots__ = ("log", "gates")
+
+    def __init__(self, peer):
+        super().__init__(peer, Clock(), 10, Metrics())
+        self.log: list = []
+        self.gates: dict[str, Deferred] = {}
+
+    async def dispatch(self, message):
+        name = message["n"]
+        self.log.append(("start", name))
+        if name in self.gates:
+            await self.gates[name]
+        self.log.append(("end", name))
+        return OK_REPLY if name != "dict" else {"result": name}
+
+
+def test_messages_wait_for_the_one_in_progress_and_keep_their_order():
+    peer = ListPeer()
+    session = Recording(peer)
+    session.gates["a"] = Deferred()
+    session.gates["c"] = Deferred()
+    for name in "abcd":
+        session.received('{"n": "%s"}' % name)
+    assert session.log == [("start", "a")]                 # b, c and d wait for a
+    session.gates["a"].callback(None)
+    assert session.log == [("start", "a"), ("end", "a"), ("start", "b"), ("end", "b"), ("start", "c")]
+    session.received('{"n": "e"}')                          # arrives while c waits: after d
+    session.gates["c"].callback(None)
+    assert [name for what, name in session.log if what == "start"] == list("abcde")
+    assert peer.sent == [{"result": "OK"}] * 5
+    session.received('{"n": "dict"}')                       # idle again: handled at once
+    assert session.log[-1] == ("end", "dict") and peer.sent[-1] == {"result": "dict"}
