@@ -5,6 +5,7 @@
     python -m bench top PROFILE.txt              # hot spots of a py-spy profile (--profile DIR)
     python -m bench cross-node --rate 200,500,1000,2000 --seconds 10   # 3 nodes on PostgreSQL (issue 4)
     python -m bench notify --devices 10000       # live notifications on one node (issue 7)
+    python -m bench cluster-hold --connections 45000 --nodes 3   # N connections on K nodes (issue 8)
 
 See bench/__init__.py and docs/performance.md.
 """
@@ -118,6 +119,9 @@ def parser() -> argparse.ArgumentParser:
     y.add_argument("--notify-rate", type=float, default=1_000_000,
                    help="the node's --notify-rate (default 1000000: the rate limit is not what is measured)")
     y.add_argument("--notify-burst", type=int, default=1_000_000, help="the node's --notify-burst")
+    from bench.cluster_hold import add_parser as cluster_hold_parser
+
+    cluster_hold_parser(sub)
     t = sub.add_parser("top", help="the hot spots of a py-spy raw profile")
     t.add_argument("profile", type=Path)
     t.add_argument("--limit", type=int, default=25)
@@ -170,6 +174,8 @@ async def _run(o: argparse.Namespace) -> dict:
         from bench.crossnode import CrossNode as Bench
     elif o.command == "notify":
         from bench.notifications import Notify as Bench
+    elif o.command == "cluster-hold":
+        from bench.cluster_hold import ClusterHold as Bench
     else:
         from bench.scenarios import Bench
 
@@ -188,12 +194,19 @@ def main(argv: list[str] | None = None) -> None:
         print(top(o.profile, o.limit))
         return
     common.raise_nofile()
-    o = settle(o) if o.command == "run" else settle_other(o)
+    if o.command == "cluster-hold":
+        from bench.cluster_hold import settle as settle_cluster
+
+        o = settle_cluster(o)
+    else:
+        o = settle(o) if o.command == "run" else settle_other(o)
     results = asyncio.run(_run(o))
     if o.command == "cross-node":
         from bench.crossnode import render
     elif o.command == "notify":
         from bench.notifications import render
+    elif o.command == "cluster-hold":
+        from bench.cluster_hold import render
     else:
         from bench.report import render
 

@@ -123,3 +123,32 @@ def test_quick_notify_run_measures_posted_notifications_reaching_devices(tmp_pat
         assert 0 < step["rtt_p50"] <= step["rtt_p99"], step
     assert steps[0]["kept_up"], steps[0]
     assert r["verdict"]["met"] is None  # no step at the issue's 10,000/s in a quick run
+
+
+def test_quick_cluster_hold_run_holds_connections_on_every_node_and_fans_out_across_them(tmp_path):
+    """Two real nodes on a fresh PostgreSQL database hold the connections between them; a device on node 0
+    changes status and every application connection on every node receives it."""
+    from tests.conftest import POSTGRES_ADMIN
+
+    out = tmp_path / "cluster.json"
+    run = subprocess.run([sys.executable, "-m", "bench", "cluster-hold", "--quick", "--postgres", POSTGRES_ADMIN,
+                          "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert "| node" in run.stdout and "RSS per connection KiB" in run.stdout  # the table was printed
+    assert "devices:" in run.stdout and "fan-out round 1:" in run.stdout  # and progress along the way
+    results = json.loads(out.read_text())
+    assert not [note for note in results["notes"] if "log" in note], results["notes"]  # no node or bench traceback
+    assert not _database_exists(results["meta"]["database"])  # the bench dropped its database
+    r = results["cluster"]
+    nodes = r["nodes"]
+    assert len(nodes) == results["meta"]["nodes"] >= 2, nodes
+    assert r["devices"]["failed"] == r["apps"]["failed"] == 0, r
+    assert r["held"] == r["planned"] == results["meta"]["connections"] == sum(n["held"] for n in nodes)
+    assert r["connect_rate"] > 0, r
+    for n in nodes:
+        assert n["held"] == n["planned"] > 0 and n["devices"] > 0 and n["apps"] > 0, n  # every node held its share
+        assert _number(n["rss_per_conn_kib"]) and 0 < n["rss_per_conn_kib"] < 200, n
+        fan = n["fanout"]
+        assert fan["n"] == n["apps"] and fan["got"] == [n["apps"]] * results["meta"]["rounds"], n  # every connection
+        assert fan["complete"] and all(0 < ms < 5000 for ms in fan["rounds_ms"]), n
+    assert r["fanout"]["complete"] and 0 < r["fanout"]["ms"] < 5000, r["fanout"]
