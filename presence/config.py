@@ -32,7 +32,7 @@ class Config:
 
     # Applications.
     auth_timeout: float = 10.0
-    batch_window: float = 0.05
+    batch_window: float = 0.01
     pending_ttl: float = 3600.0
     slow_limit: int = 10_000
     slow_timeout: float = 30.0
