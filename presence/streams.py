@@ -164,7 +164,9 @@ class Subscriber:
 
 @dataclass
 class _Channel:
-    subscribers: list[Subscriber] = field(default_factory=list)
+    # A dict as an ordered set: a connection leaves in O(1) (an application may have 19,000, and
+    # a reconnect storm closes them all at once).
+    subscribers: dict[Subscriber, None] = field(default_factory=dict)
     batch: dict[str, Update] = field(default_factory=dict)
 
 
@@ -172,14 +174,15 @@ class _Channel:
 class _Fanout:
     """One application's list on its way to its connections, possibly over several reactor turns.
 
-    It walks the live ``channel.subscribers`` (those before ``pos`` have it): a connection that leaves
-    is removed from that list and so never pushed to, and one that arrives meanwhile still gets it,
-    as it would have from a flush in one go."""
+    It walks ``targets``, the application's connections when its turn came (those before ``pos``
+    have it): a connection that leaves meanwhile is closed and skipped, and one that arrives
+    meanwhile is appended (Streams.subscribe), so it still gets it, as from a flush in one go."""
 
     app_id: str
     channel: _Channel
     updates: list[Update]
     messages: list[Any]     # one prepared message, or the lists it was split into under max_message
+    targets: list[Subscriber] = field(default_factory=list)
     pos: int = 0
 
 
@@ -302,10 +305,12 @@ class Streams:
                     break
                 fanout = self._fanout = self._take(queue.popleft())
                 continue
-            subscribers, messages, updates = fanout.channel.subscribers, fanout.messages, fanout.updates
+            subscribers, messages, updates = fanout.targets, fanout.messages, fanout.updates
             while fanout.pos < len(subscribers) and budget > 0:
                 subscriber = subscribers[fanout.pos]
-                fanout.pos += 1      # before the push: an overflow in it removes this subscriber
+                fanout.pos += 1      # before the push: if it raises, the fan-out goes on after it
+                if subscriber.closed:
+                    continue         # left since the fan-out began
                 for message in messages:
                     subscriber.push(message, updates)
                 budget -= len(messages)
@@ -331,14 +336,17 @@ class Streams:
         observe = m.delivery_latency.observe
         for update in updates:
             observe(now - update.at)
-        return _Fanout(app_id, channel, updates, messages)
+        return _Fanout(app_id, channel, updates, messages, list(channel.subscribers))
 
     # -- connections --------------------------------------------------------------------------
     async def subscribe(self, app_id: str, sink: Sink) -> Subscriber:
         """Attach a connection; it first receives what waited for the application, then live changes."""
         subscriber = Subscriber(app_id, sink, self.clock, self.slow_limit, self.slow_timeout, self._overflowed,
                                 self.max_message)
-        self.channels.setdefault(app_id, _Channel()).subscribers.append(subscriber)
+        channel = self.channels.setdefault(app_id, _Channel())
+        channel.subscribers[subscriber] = None
+        if self._fanout is not None and self._fanout.channel is channel:
+            self._fanout.targets.append(subscriber)    # arrived during its application's fan-out
         try:
             # Registered before taking what waits: a change made after this goes to a connection.
             waiting = await self._open(app_id)
@@ -365,23 +373,16 @@ class Streams:
         left = subscriber.detach()
         if channel is None:
             return
-        try:
-            index = channel.subscribers.index(subscriber)   # one scan: an application may have 19,000
-        except ValueError:
+        if channel.subscribers.pop(subscriber, True) is True:
             return                   # already gone
-        del channel.subscribers[index]
         fanout = self._fanout
-        in_flight = fanout is not None and fanout.channel is channel
-        if in_flight and index < fanout.pos:
-            fanout.pos -= 1          # it had this list; the next connection to push moved down
-            in_flight = False
         if left:
             self._keep(subscriber.app_id, left)
         if not channel.subscribers:
             app_id = subscriber.app_id
             unsent: dict[str, Update] = {}
-            if in_flight:            # the last connection left before its turn in a fan-out
-                _merge(unsent, fanout.updates)
+            if fanout is not None and fanout.channel is channel and subscriber in fanout.targets[fanout.pos:]:
+                _merge(unsent, fanout.updates)   # the last connection left before its turn in a fan-out
             _merge(unsent, channel.batch.values())
             if unsent:
                 self._keep(app_id, list(unsent.values()))
