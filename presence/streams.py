@@ -79,6 +79,10 @@ class Subscriber:
     waiting queue, so a slow reader costs bounded memory and loses nothing.
     """
 
+    # One per application connection: slots keep it small.
+    __slots__ = ("max_message", "app_id", "sink", "clock", "limit", "timeout", "on_overflow", "loading", "paused",
+                 "closed", "backlog", "_stall")
+
     def __init__(
         self,
         app_id: str,
@@ -170,7 +174,7 @@ class _Channel:
     batch: dict[str, Update] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Fanout:
     """One application's list on its way to its connections, possibly over several reactor turns.
 

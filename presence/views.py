@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from presence.status import most_available
-from presence.store.base import Device, Grant
+from presence.store.base import Device
 
 
 @dataclass(slots=True)
@@ -50,17 +50,19 @@ def _plain(devices: list[Device]) -> bool:
     return all(d.scope is None and not d.overrides for d in devices)
 
 
-def changes(before: Iterable[Device], after: Iterable[Device], grants: Iterable[Grant], at: float) -> list[Update]:
+def changes(before: Iterable[Device], after: Iterable[Device], email: str, grants: Iterable[tuple[str, str]],
+            at: float) -> list[Update]:
+    """The updates a change of ``email``'s devices makes, for the (app_id, uid) of each grant."""
     before, after = list(before), list(after)
     if _plain(before) and _plain(after):
         # every application sees the same status: compare once (a person may have granted thousands)
         old, new = overall(before), overall(after)
         if old == new:
             return []
-        return [Update(grant.app_id, grant.email, grant.uid, new, at) for grant in grants]
+        return [Update(app_id, email, uid, new, at) for app_id, uid in grants]
     updates = []
-    for grant in grants:
-        new = view(after, grant.app_id)
-        if new != view(before, grant.app_id):
-            updates.append(Update(grant.app_id, grant.email, grant.uid, new, at))
+    for app_id, uid in grants:
+        new = view(after, app_id)
+        if new != view(before, app_id):
+            updates.append(Update(app_id, email, uid, new, at))
     return updates

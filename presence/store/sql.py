@@ -314,12 +314,14 @@ class SQLStore(WebQueries):
                 rows = yield f"SELECT {DEVICE_COLUMNS} FROM devices WHERE email IN {_in(part)}", tuple(part)
                 for device in map(_device, rows):
                     devices[device.email][device.device] = device
-            grants: dict[str, list[Grant]] = {email: [] for email in emails}
+            # (app_id, uid) pairs, not Grant records: a person may have granted thousands.
+            grants: dict[str, list[tuple[str, str]]] = {email: [] for email in emails}
             for start in range(0, len(emails), IN_BATCH):
                 part = emails[start:start + IN_BATCH]
-                rows = yield f"SELECT {GRANT_COLUMNS} FROM grants WHERE email IN {_in(part)} ORDER BY email, app_id", tuple(part)
-                for grant in (_record(Grant, row) for row in rows):
-                    grants[grant.email].append(grant)
+                rows = yield (f"SELECT email, app_id, uid FROM grants WHERE email IN {_in(part)} ORDER BY email, app_id",
+                              tuple(part))
+                for email, app_id, uid in rows:
+                    grants[email].append((app_id, uid))
             initial = {email: dict(d) for email, d in devices.items()}
             results: list[tuple[list, dict]] = []
             extras = []
@@ -332,7 +334,7 @@ class SQLStore(WebQueries):
                     extra = {**(extra or {}), **said}
                 logged_extras.append(extra)
                 devices[email] = after
-                results.append((views.changes(before.values(), after.values(), grants[email], now), after))
+                results.append((views.changes(before.values(), after.values(), email, grants[email], now), after))
                 if extra:
                     extras.append(extra)
             yield from self._write_devices(initial, devices, now)
