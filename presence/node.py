@@ -58,6 +58,9 @@ def make_verifier(config: Config, clock: Any, http_client: Any = None, issuer: A
     return verifier
 
 
+# gc's third threshold: this many middle-generation collections before a full one (never, in practice).
+NO_AUTOMATIC_FULL_COLLECTION = 1_000_000_000
+
 class Node(Service):
     name = "presence-node"
 
@@ -107,6 +110,7 @@ class Node(Service):
         self._started: Deferred | None = None
         self._stopping = False
         self.ready = False
+        self._gc_threshold: tuple[int, int, int] | None = None
         # This node's session classes carry its --log-connections (a class attribute: no slot each).
         flags = {"__slots__": (), "log_connections": config.log_connections}
         self._device_session = type("DeviceSession", (DeviceSession,), flags)
@@ -214,6 +218,12 @@ class Node(Service):
             gc.callbacks.append(self.metrics.gc_callback)
         gc.collect()
         gc.freeze()
+        # No automatic full collections: one would walk every object that is not frozen yet (the
+        # connections of the last --gc-freeze seconds) at a moment chosen by allocation counts,
+        # stalling the node under load. Young generations are still collected as usual; what
+        # cyclic garbage gets old is collected by the --gc-compact collection.
+        self._gc_threshold = gc.get_threshold()
+        gc.set_threshold(self._gc_threshold[0], self._gc_threshold[1], NO_AUTOMATIC_FULL_COLLECTION)
         if self.config.gc_freeze > 0:
             self._gc_freeze.start(self.config.gc_freeze, now=False)
         if self.config.gc_compact > 0:
@@ -279,6 +289,8 @@ class Node(Service):
         await self.store.close()
         if self.metrics.gc_callback in gc.callbacks:
             gc.callbacks.remove(self.metrics.gc_callback)
+        if self._gc_threshold is not None:
+            gc.set_threshold(*self._gc_threshold)
         log.info("presence node {node} stopped", node=self.config.node, event="node.stopped")
 
     async def _drain(self) -> None:

@@ -350,3 +350,28 @@ async def test_closed_connections_leave_no_cyclic_garbage(running):
         gc.set_debug(0)
         gc.garbage.clear()
     assert leaked == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_running_node_leaves_full_collections_to_its_compaction(idp, tmp_path):
+    """Automatic full collections stalled a loaded node for 100-200 ms (docs/performance.md): a
+    running node only collects the young generations; its --gc-compact timer runs the full ones."""
+    import gc
+
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    from presence.node import NO_AUTOMATIC_FULL_COLLECTION
+
+    before = gc.get_threshold()
+    node = Node(config(idp, tmp_path, gc_compact=0.2))
+    await node.start()
+    try:
+        assert gc.get_threshold() == (before[0], before[1], NO_AUTOMATIC_FULL_COLLECTION)
+        full = node.metrics.registry.get_sample_value("presence_gc_pause_seconds_count", {"generation": "2"}) or 0
+        await deferLater(reactor, 0.5, lambda: None)
+        after = node.metrics.registry.get_sample_value("presence_gc_pause_seconds_count", {"generation": "2"})
+        assert after > full        # the compaction timer ran full collections
+    finally:
+        await node.stop()
+    assert gc.get_threshold() == before
