@@ -75,24 +75,8 @@ def parser() -> argparse.ArgumentParser:
         q.add_argument("--max-p50", type=float, default=200.0,
                        help="a step keeps up while its median latency stays at most this many ms")
         q.add_argument("--grace", type=float, default=10.0, help="the nodes' --grace")
-        q.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test",
-                       help="an administrative URL of the PostgreSQL server; the bench creates (and drops) its own "
-                            "database there")
-        q.add_argument("--node-arg", dest="node_args", action="append", default=[],
-                       help="one more argument for every `twistd presence` (repeatable)")
-        q.add_argument("--backlog", type=int, default=4096)
-        q.add_argument("--inflight", type=int, default=256, help="handshakes in flight per generator")
-        q.add_argument("--presence-src", default=str(common.ROOT))
-        q.add_argument("--presence-rev", default=None,
-                       help="run the nodes from a clean export of this git revision (e.g. HEAD)")
         q.add_argument("--profile", type=Path, default=None, help="record the node(s) with py-spy into DIR")
-        q.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
-                       help="first wait (up to SECONDS) until other processes use under 10%% of a core")
-        q.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
-        q.add_argument("--markdown", type=Path, default=None, help="also write the tables as Markdown")
-        q.add_argument("--run-dir", default=None, help="keep logs and configs here (default: a temporary directory)")
-        q.add_argument("--keep", action="store_true", help="keep the temporary run directory")
-        q.add_argument("--timeout", type=float, default=None, help="stop everything after this many seconds")
+        common.add_cluster_options(q)
 
     x = sub.add_parser("cross-node", help="latency from devices on node A to an application on node B (3 nodes, "
                                           "one PostgreSQL)")

@@ -126,3 +126,24 @@ def lifetime_guard(seconds: float) -> None:
 
 def log(*parts: object) -> None:
     print(*parts, file=sys.stderr, flush=True)
+
+
+def add_cluster_options(q) -> None:
+    """The options of every subcommand that runs nodes on a PostgreSQL database of its own."""
+    q.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test",
+                   help="an administrative URL of the PostgreSQL server; the bench creates (and drops) its own "
+                        "database there")
+    q.add_argument("--node-arg", dest="node_args", action="append", default=[],
+                   help="one more argument for every `twistd presence` (repeatable)")
+    q.add_argument("--backlog", type=int, default=4096)
+    q.add_argument("--inflight", type=int, default=256, help="handshakes in flight per generator")
+    q.add_argument("--presence-src", default=str(ROOT))
+    q.add_argument("--presence-rev", default=None,
+                   help="run the nodes from a clean export of this git revision (e.g. HEAD)")
+    q.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                   help="first wait (up to SECONDS) until other processes use under 10%% of a core")
+    q.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    q.add_argument("--markdown", type=Path, default=None, help="also write the tables as Markdown")
+    q.add_argument("--run-dir", default=None, help="keep logs and configs here (default: a temporary directory)")
+    q.add_argument("--keep", action="store_true", help="keep the temporary run directory")
+    q.add_argument("--timeout", type=float, default=None, help="stop everything after this many seconds")
