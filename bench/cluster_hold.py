@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from bench import common
-from bench.fleet import Fleet, Worker
+from bench.fleet import Worker
 from bench.node import IssuerServer, NodeProcess, _env, seed, seed_plan
 from bench.pg import PgDatabase
 from bench.report import markdown, median, say, _num
@@ -137,18 +137,7 @@ class ClusterHold(Bench):
         self.ports = [(common.free_port(), common.free_port()) for _ in range(self.K)]
         self.audience = f"http://127.0.0.1:{self.ports[0][0]}"
         env = _env(Path(o.presence_src))
-        workers = []
-        for g in range(self.G):
-            config = {"index": g, "generators": self.G, "devices": self.D, "sources": common.source_addresses(g),
-                      "issuer_pem": str(self.issuer.issuer_pem), "user_pem": str(self.issuer.user_pem),
-                      "issuer_domain": self.issuer.domain, "audience": self.audience, "api_key": self.api_key,
-                      "inflight": o.inflight, "lifetime": o.timeout + 120,
-                      "stars": [common.STAR_A] if g == 0 else []}
-            path = self.run_dir / f"generator{g}.json"
-            path.write_text(json.dumps(config))
-            workers.append(Worker(f"generator {g}", ["-m", "bench.generator", str(path)], env,
-                                  self.run_dir / f"generator{g}.log"))
-        self.fleet = Fleet(workers)
+        self.fleet = self.generator_fleet(env, stars=[common.STAR_A])
         plan = self.run_dir / "plan.json"
         plan.write_text(json.dumps(seed_plan(0, self.G, self.D, hash_key(self.api_key))))
         say(f"seeding the database while the generators certify {self.D:,} device emails")

@@ -137,6 +137,24 @@ class Bench:
             await self.cleanup()
         return self.results
 
+    def generator_fleet(self, env: dict, stars: list[str] | None = None) -> Fleet:
+        """The load generators, each with its JSON config and its log in the run directory;
+        generator 0 also drives ``stars`` (the devices whose changes the fan-outs time)."""
+        import json
+
+        workers = []
+        for g in range(self.G):
+            config = {"index": g, "generators": self.G, "devices": self.D, "sources": common.source_addresses(g),
+                      "issuer_pem": str(self.issuer.issuer_pem), "user_pem": str(self.issuer.user_pem),
+                      "issuer_domain": self.issuer.domain, "audience": self.audience, "api_key": self.api_key,
+                      "inflight": self.o.inflight, "lifetime": self.o.timeout + 120,
+                      "stars": list(stars or []) if g == 0 else []}
+            path = self.run_dir / f"generator{g}.json"
+            path.write_text(json.dumps(config))
+            workers.append(Worker(f"generator {g}", ["-m", "bench.generator", str(path)], env,
+                                  self.run_dir / f"generator{g}.log"))
+        return Fleet(workers)
+
     def meta(self) -> dict:
         import autobahn
         import twisted
@@ -171,18 +189,7 @@ class Bench:
         self.web_port, self.ws_port = common.free_port(), common.free_port()
         self.audience = f"http://127.0.0.1:{self.web_port}"
         env = _env(Path(self.o.presence_src))
-        workers = []
-        for g in range(self.G):
-            config = {"index": g, "generators": self.G, "devices": self.D, "sources": common.source_addresses(g),
-                      "issuer_pem": str(self.issuer.issuer_pem), "user_pem": str(self.issuer.user_pem),
-                      "issuer_domain": self.issuer.domain, "audience": self.audience, "api_key": self.api_key,
-                      "inflight": self.o.inflight, "lifetime": self.o.timeout + 120,
-                      "stars": [common.STAR_A, common.STAR_B] if g == 0 else []}
-            path = self.run_dir / f"generator{g}.json"
-            path.write_text(__import__("json").dumps(config))
-            workers.append(Worker(f"generator {g}", ["-m", "bench.generator", str(path)], env,
-                                  self.run_dir / f"generator{g}.log"))
-        self.fleet = Fleet(workers)
+        self.fleet = self.generator_fleet(env, stars=[common.STAR_A, common.STAR_B])
         self.probe = Worker("probe", ["-m", "bench.probe"], env, self.run_dir / "probe.log")
         plan = self.run_dir / "plan.json"
         plan.write_text(__import__("json").dumps(seed_plan(self.N, self.G, self.D, hash_key(self.api_key))))
