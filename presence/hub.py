@@ -15,9 +15,9 @@ from typing import Any, Callable, Protocol
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from presence import changelog, errors
+from presence.batching import Grouped
 from presence.keys import new_id
 from presence.status import OFFLINE
 from presence.store import Device, LoggedChange, Store, StoreUnavailable
@@ -62,9 +62,7 @@ class Hub:
         self.retry_delay = retry_delay
         self.links: dict[tuple[str, str], Link] = {}
         self.by_email: dict[str, dict[str, Link]] = {}   # the same links, found by person
-        self._queue: list[tuple[str, Callable, dict | None, Deferred]] = []
-        self._running = False
-        self.max_batch = 500
+        self._changes = Grouped(self._commit, max_batch=500)
 
     # -- devices ----------------------------------------------------------------------------------
     async def attach(self, email: str, device_id: str, scope: frozenset[str] | None,
@@ -182,32 +180,15 @@ class Hub:
         """Queue a change of one person; it runs in the next batch, which hands what it changed to
         the local streams. One batch runs at a time, in arrival order, so this node's changes of a
         person keep their order (the store orders nodes)."""
-        d: Deferred = Deferred()
-        self._queue.append((email, mutate, extra, d))
-        if not self._running:
-            self._running = True
-            ensureDeferred(self._run_batches())
-        return d
+        return self._changes((email, mutate, extra))
 
-    async def _run_batches(self) -> None:
-        """Group commit: the changes that arrive while a batch runs make up the next one."""
-        try:
-            while self._queue:
-                batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
-                try:
-                    changes = await self.store.change_people([(e, m, x) for e, m, x, _ in batch], self.node,
-                                                             self.clock.seconds(), held=self.streams.channels)
-                except Exception:
-                    failure = Failure()
-                    for *_, d in batch:
-                        d.errback(failure)
-                    continue
-                for change, (*_, d) in zip(changes, batch):
-                    self.streams.publish(change.updates, change.queued)
-                for change, (*_, d) in zip(changes, batch):
-                    d.callback(change)
-        finally:
-            self._running = False
+    async def _commit(self, batch: list[tuple[str, Callable, dict | None]]) -> list[Any]:
+        """Group commit (presence.batching): the changes that arrive while a batch runs make up the
+        next one; all of a batch's updates reach the streams before any caller resumes."""
+        changes = await self.store.change_people(batch, self.node, self.clock.seconds(), held=self.streams.channels)
+        for change in changes:
+            self.streams.publish(change.updates, change.queued)
+        return changes
 
     # -- changes made by other nodes ----------------------------------------------------------------
     def apply(self, logged: LoggedChange) -> None:
