@@ -283,10 +283,6 @@ class PresenceServerFactory(Factory):
                 loop.stop()
         self._sweeping = None
 
-    def close_all(self, code: int, reason: str) -> None:
-        for protocol in list(self.open_connections):
-            protocol.close(code, reason)
-
     # -- the wheel --------------------------------------------------------------------------------
     def _expire_handshakes(self) -> None:
         too_old = self.clock.seconds() - self.handshake_timeout
