@@ -29,7 +29,7 @@ CHANNEL = "presence"
 class ChangeFeed:
     def __init__(self, store: Store, clock: IReactorTime, apply: Callable[[LoggedChange], None],
                  listen_url: str | None = None, poll_interval: float = 2.0, batch: int = 1000,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, follow: bool = True):
         self.metrics = metrics or Metrics()
         self.store = store
         self.clock = clock
@@ -37,6 +37,10 @@ class ChangeFeed:
         self.listen_url = listen_url
         self.batch = batch
         self.last = 0                      # the last change applied
+        # Alone on its database (SQLite), a node makes every change itself: nothing to follow.
+        self.follow = follow
+        # Called when the log was trimmed past what this node read: it missed changes for good.
+        self.on_gap: Callable[[int, int], None] = lambda last, first: None
         self.connected = False             # the LISTEN connection is up
         self.replays = 0                   # reconnects that replayed from the log
         self._reading: Deferred | None = None
@@ -52,9 +56,18 @@ class ChangeFeed:
     async def start(self) -> None:
         """Start from the end of the log: a node that just started has no one to tell the past to."""
         self.last = await self.store.last_change()
+        if not self.follow:
+            return
         if self.listen_url:
             await self._listen()
         self._poll.start(self._poll_interval, now=False)
+
+    async def head(self) -> int:
+        """The last change this node has seen: every one up to it was applied (or, not following,
+        made here and published when it was committed)."""
+        if not self.follow:
+            self.last = await self.store.last_change()
+        return self.last
 
     def stop(self) -> None:
         self._stopped = True
@@ -84,6 +97,12 @@ class ChangeFeed:
             while True:
                 self._again = False
                 changes = await self.store.changes_since(self.last, self.batch)
+                if changes and changes[0].seq != self.last + 1:
+                    # Numbers have no gaps (commit order, one counter): the log was trimmed past us.
+                    log.error("the change log was trimmed past what this node read (changes {first} to {last} are "
+                              "gone)", first=self.last + 1, last=changes[0].seq - 1, event="bus.gap")
+                    self.on_gap(self.last, changes[0].seq)
+                    return
                 for change in changes:
                     try:
                         self.apply(change)

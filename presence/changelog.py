@@ -25,7 +25,8 @@ def encode(updates: Iterable[Update], queued: Iterable[str] = (),
     return json.dumps(body, separators=(",", ":"))
 
 
-def decode(payload: str) -> tuple[list[Update], frozenset[str], list[dict[str, Any]]]:
+def decode(payload: str, seq: int = 0) -> tuple[list[Update], frozenset[str], list[dict[str, Any]]]:
+    """The updates carry ``seq``, the number of the logged change they came in."""
     body = json.loads(payload)
-    updates = [Update(*item) for item in body.get("u", [])]
+    updates = [Update(*item, seq) for item in body.get("u", [])]
     return updates, frozenset(body.get("q", [])), body.get("x", [])

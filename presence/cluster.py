@@ -1,92 +1,105 @@
-"""Nodes sharing one database: heartbeats, and cleaning up after a node that died without stopping.
+"""Nodes sharing one database: incarnations, heartbeats, and cleaning up after a node that died.
 
-Every node records a heartbeat. A node whose heartbeat is older than ``node_timeout`` is dead: one
-survivor claims it (an atomic ``DELETE ... RETURNING`` of its registry row: of several survivors
-exactly one gets it), marks its devices offline (the applications hear it through the log like any
-change), takes over its application subscriptions and hands the changes the dead node may not have
-delivered (logged after the last one it applied) to the applications' other connections or to their
-waiting queue. The same loop trims the change log.
+Every start of a node is a new **incarnation** (``<--node>#<random>``): the devices it records and
+the applications it subscribes are its incarnation's, so a node restarted after a crash inherits
+nothing live from its predecessor; it reaps them at once instead. Every node records a heartbeat on
+the **database's clock** (skewed node clocks cannot make a node look dead or alive), together with
+the last change it has delivered. A node whose heartbeat is older than ``node_timeout`` is dead: one
+survivor reaps it in one transaction (``Store.reap_node``): if that survivor dies or loses the
+database halfway, nothing happened and the dead node is reaped again later.
+
+A node that finds it was taken for dead (its heartbeat or a fenced write finds its row gone, or its
+change feed finds the log trimmed past what it read) closes everything and rejoins as a new
+incarnation: its devices and applications reconnect and start from the truth. The same loop trims
+the change log, never past what a registered node has not delivered.
 """
 
 from __future__ import annotations
 
+from typing import Awaitable, Callable
+
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from presence import changelog
 from presence.bus import ChangeFeed
 from presence.hub import Hub
-from presence.store import PendingUpdate, Store, StoreUnavailable
-from presence.views import Update
+from presence.keys import new_id
+from presence.store import Reaped, Store, StoreUnavailable
 
 log = Logger()
+
+# "Older than this" on the database's clock: every other node (a node alone on SQLite, at start).
+FAR_FUTURE = 1e15
+
+
+def incarnation(label: str) -> str:
+    return f"{label}#{new_id()[:12]}"
 
 
 class Cluster:
     def __init__(self, store: Store, hub: Hub, feed: ChangeFeed, clock: IReactorTime, node: str,
-                 node_timeout: float = 30.0, log_retention: float = 600.0):
+                 node_timeout: float = 30.0, log_retention: float = 600.0, label: str | None = None,
+                 shared: bool = True):
         self.store = store
         self.hub = hub
         self.feed = feed
         self.clock = clock
-        self.node = node
+        self.node = node                # this incarnation
+        self.label = label if label is not None else node.partition("#")[0]
+        self.shared = shared            # other nodes may run on this database (PostgreSQL)
         self.node_timeout = node_timeout
         self.log_retention = log_retention
         self.reaped: list[str] = []
+        # What to do once taken for dead (the node closes everything and rejoins).
+        self.on_taken_for_dead: Callable[[str], Awaitable[None]] | None = None
+
+    async def delivered(self) -> int:
+        """The last change below which everything was handed to a socket or the waiting queue."""
+        head = await self.feed.head()
+        floor = self.hub.streams.unsent_floor()
+        return head if floor is None else min(head, floor - 1)
 
     async def join(self) -> None:
-        await self.store.register_node(self.node, self.clock.seconds(), self.feed.last)
+        await self.store.register_node(self.node, await self.store.now(), await self.delivered(), self.label)
 
     async def leave(self) -> None:
         await self.store.forget_node(self.node)
 
+    async def reap_predecessors(self) -> None:
+        """At start (and rejoin): this node's earlier incarnations are dead, whatever their heartbeat
+        says; alone on SQLite, so is every other node."""
+        if self.shared:
+            await self._reap_all(label=self.label)
+        else:
+            await self._reap_all(before=FAR_FUTURE)
+
     async def beat(self) -> None:
         """One heartbeat: record ours, reap the dead, trim the log."""
-        now = self.clock.seconds()
         try:
-            if not await self.store.heartbeat(self.node, now, self.feed.last):
-                log.error("another node took this node ({node}) for dead and marked its devices offline; "
-                          "rejoining. Check the clocks and load of the nodes, or raise --node-timeout.",
-                          node=self.node, event="cluster.taken_for_dead")
-                await self.join()
-                self.hub.drop_all()
-            while (dead := await self.store.claim_dead_node(now - self.node_timeout)) is not None:
-                await self.reap(*dead)
-            await self.store.trim_changes(now - self.log_retention)
+            now = await self.store.now()
+            if not await self.store.heartbeat(self.node, now, await self.delivered()):
+                await self.taken_for_dead("another node took this node for dead and marked its devices offline")
+                return
+            await self._reap_all(before=now - self.node_timeout)
+            await self.store.trim_changes(self.clock.seconds() - self.log_retention)
         except StoreUnavailable as e:
             log.warn("heartbeat failed: {why}", why=e, event="cluster.heartbeat_failed")
 
-    async def reap(self, node: str, last_applied: int) -> None:
-        log.warn("node {dead} stopped sending heartbeats; marking its devices offline", dead=node,
-                 event="cluster.node_dead")
-        people = await self.hub.clear_node(node)
-        apps = set(await self.store.take_subscriptions(node))
-        missed = await self._missed(apps, last_applied) if apps else {}
-        if missed:
-            held = await self.store.subscribed(sorted({u.app_id for u in missed.values()}))
-            live = [u for u in missed.values() if u.app_id in held]
-            waiting = [u for u in missed.values() if u.app_id not in held]
-            if live:
-                await self.store.log_change(self.node, self.clock.seconds(), changelog.encode(live))
-                self.hub.streams.publish(live)
-            if waiting:
-                await self.store.queue_pending([PendingUpdate(u.app_id, u.email, u.uid, u.status, u.at)
-                                                for u in waiting])
-        self.reaped.append(node)
-        log.info("cleaned up after node {dead}: {people} people offline, {apps} applications taken over, "
-                 "{missed} changes it may not have delivered handed on", dead=node, people=people,
-                 apps=len(apps), missed=len(missed), event="cluster.reaped")
+    async def taken_for_dead(self, why: str) -> None:
+        log.error("{why}: closing every connection and rejoining as a new incarnation. Check the clocks and "
+                  "load of the nodes, or raise --node-timeout.", why=why, node=self.node,
+                  event="cluster.taken_for_dead")
+        if self.on_taken_for_dead is not None:
+            await self.on_taken_for_dead(why)
 
-    async def _missed(self, apps: set[str], since: int) -> dict[tuple[str, str], Update]:
-        """The latest update per (application, person) logged after ``since`` for these applications."""
-        latest: dict[tuple[str, str], Update] = {}
-        while True:
-            changes = await self.store.changes_since(since)
-            for change in changes:
-                updates, queued, _ = changelog.decode(change.payload)
-                for u in updates:
-                    if u.app_id in apps and u.app_id not in queued:
-                        latest[(u.app_id, u.email)] = u
-                since = change.seq
-            if len(changes) < 1000:
-                return latest
+    async def _reap_all(self, before: float | None = None, label: str | None = None) -> None:
+        while (reaped := await self.store.reap_node(self.node, self.clock.seconds(), before=before, label=label,
+                                                    held=self.hub.streams.channels)) is not None:
+            self._reaped(reaped)
+
+    def _reaped(self, reaped: Reaped) -> None:
+        self.hub.publish(reaped.changes)
+        self.reaped.append(reaped.node)
+        log.info("cleaned up after node {dead}: {people} people offline, {apps} applications taken over, "
+                 "{missed} changes it may not have delivered handed on", dead=reaped.node, people=reaped.people,
+                 apps=len(reaped.apps), missed=reaped.handed, event="cluster.reaped")

@@ -20,7 +20,7 @@ from presence import changelog, errors
 from presence.batching import Grouped
 from presence.keys import new_id
 from presence.status import OFFLINE
-from presence.store import Device, LoggedChange, Store, StoreUnavailable
+from presence.store import Device, LoggedChange, NodeFenced, PersonChange, Store, StoreUnavailable
 from presence.streams import Streams
 from presence.views import visible_to
 
@@ -53,8 +53,12 @@ class Link:
 
 class Hub:
     def __init__(self, store: Store, streams: Streams, clock: IReactorTime, node: str, grace: float = 10.0,
-                 retry_delay: float = 5.0):
+                 retry_delay: float = 5.0, fence: bool = False):
         self.store = store
+        # Write only while this node's incarnation is registered (a node sets it; tests of the hub
+        # alone need no registry). A fenced write calls on_fenced: the node rejoins.
+        self.fence = fence
+        self.on_fenced: Callable[[], None] = lambda: None
         self.streams = streams
         self.clock = clock
         self.node = node
@@ -185,17 +189,25 @@ class Hub:
     async def _commit(self, batch: list[tuple[str, Callable, dict | None]]) -> list[Any]:
         """Group commit (presence.batching): the changes that arrive while a batch runs make up the
         next one; all of a batch's updates reach the streams before any caller resumes."""
-        changes = await self.store.change_people(batch, self.node, self.clock.seconds(), held=self.streams.channels)
+        try:
+            changes = await self.store.change_people(batch, self.node, self.clock.seconds(),
+                                                     held=self.streams.channels, fence=self.fence)
+        except NodeFenced:
+            self.on_fenced()
+            raise
+        self.publish(changes)
+        return changes
+
+    def publish(self, changes: list[PersonChange]) -> None:
         for change in changes:
             self.streams.publish(change.updates, change.queued)
-        return changes
 
     # -- changes made by other nodes ----------------------------------------------------------------
     def apply(self, logged: LoggedChange) -> None:
         """A change from the log: deliver its updates here; close a device taken over elsewhere."""
         if logged.origin == self.node:
             return  # delivered when it was made
-        updates, queued, extras = changelog.decode(logged.payload)
+        updates, queued, extras = changelog.decode(logged.payload, logged.seq)
         self.streams.publish(updates, queued)
         for extra in extras:
             for email, notes in extra.get("notify", {}).items():
@@ -221,7 +233,8 @@ class Hub:
         return len(emails)
 
     def drop_all(self) -> None:
-        """Close every device connection (they reconnect and state their status again)."""
+        """Close every device connection (they reconnect and state their status again): this node was
+        taken for dead, so its records of them are gone."""
         for link in list(self.links.values()):
             self._forget(link)
             if link.connection is not None:

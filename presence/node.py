@@ -29,7 +29,7 @@ from presence import errors, systemd
 from presence.apps import Applications
 from presence.config import Config
 from presence.bus import ChangeFeed
-from presence.cluster import Cluster
+from presence.cluster import Cluster, incarnation
 from presence.hub import Hub
 from presence.metrics import Metrics
 from presence.notifications import Notifier
@@ -73,22 +73,26 @@ class Node(Service):
         self.store = store or open_store(config.database, reactor=reactor)
         if hasattr(self.store, "instrument"):
             self.store.instrument(self.metrics.observe_store)
-        self.streams = Streams(self.store, reactor, config.node, config.batch_window, config.pending_ttl,
+        # This start's identity in the store: the rows it owns are this incarnation's (presence.cluster).
+        self.incarnation = incarnation(config.node)
+        self.streams = Streams(self.store, reactor, self.incarnation, config.batch_window, config.pending_ttl,
                                config.slow_limit, config.slow_timeout, metrics=self.metrics,
                                max_message=config.max_message)
-        self.hub = Hub(self.store, self.streams, reactor, config.node, config.grace)
+        self.hub = Hub(self.store, self.streams, reactor, self.incarnation, config.grace, fence=True)
         self.shared = config.database.startswith(("postgresql:", "postgres:"))
-        if not self.shared and hasattr(self.store, "log_changes"):
-            self.store.log_changes = False   # alone on its database: nobody reads a change log
         self.feed = ChangeFeed(self.store, reactor, self._apply, listen_url=config.database if self.shared else None,
-                               metrics=self.metrics)
+                               metrics=self.metrics, follow=self.shared)
         self.metrics.watch(self.metrics.bus_connected, lambda: 1 if self.feed.connected else 0)
-        self.cluster = Cluster(self.store, self.hub, self.feed, reactor, config.node, config.node_timeout,
-                               config.log_retention)
+        self.cluster = Cluster(self.store, self.hub, self.feed, reactor, self.incarnation, config.node_timeout,
+                               config.log_retention, label=config.node, shared=self.shared)
+        self.hub.on_fenced = lambda: self._rejoin_soon("a write found this node's registration gone")
+        self.feed.on_gap = lambda last, first: self._rejoin_soon("the change log was trimmed past what it read")
+        self.cluster.on_taken_for_dead = self.rejoin
+        self._rejoining: Deferred | None = None
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = reactor
         self.apps = Applications(self.store, reactor, allow_ports=config.insecure_identity)
-        self.notifier = Notifier(self.store, self.hub, reactor, config.node, limit=config.notify_queue,
+        self.notifier = Notifier(self.store, self.hub, reactor, self.incarnation, limit=config.notify_queue,
                                  ttl=config.notify_ttl, rate=config.notify_rate, burst=config.notify_burst,
                                  max_batch=config.notify_batch, metrics=self.metrics)
         self.verifier = verifier or make_verifier(config, reactor)
@@ -131,7 +135,7 @@ class Node(Service):
     def _apply(self, change: Any) -> None:
         """A change from the log (ours are skipped by the hub: they were delivered when made)."""
         self.hub.apply(change)
-        if change.origin != self.config.node:
+        if change.origin != self.incarnation:
             self.metrics.bus_changes.inc()
             self.metrics.bus_lag.set(max(0.0, self.reactor.seconds() - change.at))
 
@@ -185,10 +189,8 @@ class Node(Service):
                 delay = min(delay * 2, 30.0)
         await self.feed.start()
         await self.cluster.join()
-        recovered = await self.hub.clear_node(self.config.node)
-        if recovered:
-            log.info("marked {n} people offline whose devices were on this node when it last stopped", n=recovered,
-                     event="node.recovered")
+        # A crash left devices and subscriptions of an earlier incarnation: clean up after it now.
+        await self.cluster.reap_predecessors()
         self._expiry.start(15, now=True)
         self._heartbeat.start(self.config.heartbeat, now=False)
         from presence.web.site import WebSite
@@ -251,6 +253,36 @@ class Node(Service):
 
     def _expire_pending(self) -> Deferred:
         return ensureDeferred(self._expire_pending_async())
+
+    # -- taken for dead ------------------------------------------------------------------------------
+    def _rejoin_soon(self, why: str) -> None:
+        if self._rejoining is None and not self._stopping:
+            ensureDeferred(self.cluster.taken_for_dead(why))
+
+    async def rejoin(self, why: str = "") -> None:
+        """Another node reaped this one (or it missed changes for good): whatever it holds may be
+        stale. Close every connection — devices and applications reconnect and state their truth
+        again — and rejoin the registry as a new incarnation, reaping the old one if nobody has."""
+        if self._rejoining is not None or self._stopping:
+            return
+        self._rejoining = Deferred()
+        try:
+            self._set_incarnation(incarnation(self.config.node))
+            self.hub.drop_all()
+            self.streams.close_all(errors.CLOSE_GOING_AWAY, "node out of sync; reconnect")
+            self.feed.last = await self.store.last_change()
+            await self.cluster.join()
+            await self.cluster.reap_predecessors()
+            log.info("rejoined as {incarnation}", incarnation=self.incarnation, event="cluster.rejoined")
+        except StoreUnavailable as e:
+            log.warn("could not rejoin yet ({why}); the next heartbeat tries again", why=e, event="cluster.rejoin_failed")
+        finally:
+            self._rejoining = None
+
+    def _set_incarnation(self, name: str) -> None:
+        self.incarnation = name
+        for part in (self.streams, self.hub, self.notifier, self.cluster):
+            part.node = name
 
     def _beat(self) -> Deferred:
         return ensureDeferred(self.cluster.beat())

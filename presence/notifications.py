@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from twisted.internet.interfaces import IReactorTime
 
-from presence import changelog, errors
+from presence import errors
 from presence.batching import Grouped
 from presence.errors import PresenceError
 from presence.hub import Hub
@@ -95,7 +95,10 @@ class Notifier:
         items = self.parse(body)
         self.admit(app.app_id, len(items))
         valid = [item for item in items if not isinstance(item, PresenceError)]
-        queued = await self.store.queue_notifications(app.app_id, valid, self.clock.seconds(), self.limit) if valid else []
+        # Queued and logged for the other nodes' devices in one transaction: an error here means
+        # nothing was stored, so the application may safely send the batch again.
+        queued = await self.store.queue_notifications(app.app_id, valid, self.clock.seconds(), self.limit,
+                                                      origin=self.node) if valid else []
         results: list[dict] = []
         delivered: dict[str, list[dict]] = {}
         results_iter = iter(queued)
@@ -113,11 +116,8 @@ class Notifier:
             self.metrics.notifications_queued.inc()
             if outcome.dropped:
                 self.metrics.notifications_dropped.inc(outcome.dropped)
-        if delivered:
-            for email, notes in delivered.items():
-                self.metrics.notifications_delivered.inc(self.hub.notify(email, notes))
-            await self.store.log_change(self.node, self.clock.seconds(),
-                                        changelog.encode([], extras=[{"notify": delivered}]))
+        for email, notes in delivered.items():
+            self.metrics.notifications_delivered.inc(self.hub.notify(email, notes))
         return results
 
     async def waiting(self, email: str) -> list[Notification]:

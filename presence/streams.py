@@ -40,7 +40,7 @@ def encode(updates: Iterable[Update]) -> bytes:
     dicts (tests/test_streams.py holds the two equal)."""
     return ("[" + ",".join([
         '{"email":' + _string(u.email) + ',"status":' + _string(u.status) + ',"uid":' + _string(u.uid)
-        + ',"at":' + repr(round(u.at, 3)) + "}" for u in updates]) + "]").encode("ascii")
+        + ',"at":' + repr(round(u.at, 3)) + ',"seq":' + str(u.seq) + "}" for u in updates]) + "]").encode("ascii")
 
 
 def encode_lists(updates: list[Update], limit: int) -> list[bytes]:
@@ -63,10 +63,10 @@ class Sink(Protocol):
 
 
 def _merge(into: dict[str, Update], updates: Iterable[Update]) -> None:
-    """Keep only the latest update per person."""
+    """Keep only the latest update per person, by the change log's number (never by a node's clock)."""
     for u in updates:
         old = into.get(u.email)
-        if old is None or u.at >= old.at:
+        if old is None or u.seq >= old.seq:
             into[u.email] = u
 
 
@@ -146,7 +146,7 @@ class Subscriber:
 
     def _drain(self) -> None:
         if self.backlog and not self.closed:
-            updates = sorted(self.backlog.values(), key=lambda u: u.at)
+            updates = sorted(self.backlog.values(), key=lambda u: u.seq)
             self.backlog = {}
             for payload in encode_lists(updates, self.max_message):
                 self.sink.send(payload)
@@ -171,7 +171,12 @@ class _Channel:
     # A dict as an ordered set: a connection leaves in O(1) (an application may have 19,000, and
     # a reconnect storm closes them all at once).
     subscribers: dict[Subscriber, None] = field(default_factory=dict)
-    batch: dict[str, Update] = field(default_factory=dict)
+    # Every transition, in order: a connection that keeps up is told each one, not just the latest.
+    batch: list[Update] = field(default_factory=list)
+    # The number of the latest change published per person: an older one arriving later (another
+    # node's change read from the log after this node's own newer one) is not sent, so for one
+    # person an application only ever sees the number grow.
+    seen: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -239,6 +244,7 @@ class Streams:
         self._unsaved: dict[tuple[str, str], Update] = {}
         self._retry: IDelayedCall | None = None
         self._writes: set[Deferred] = set()
+        self._keeping: dict[Deferred, int] = {}   # waiting-queue writes in flight: their smallest number
         # Connections come in bursts (a restart, a storm): registering and taking what waits is one
         # store transaction for all the applications that connect meanwhile.
         self._open = Grouped(self._open_batch)
@@ -250,7 +256,11 @@ class Streams:
         for update in updates:
             channel = self.channels.get(update.app_id)
             if channel is not None:
-                channel.batch[update.email] = update
+                seen = channel.seen
+                if update.seq < seen.get(update.email, 0):
+                    continue
+                seen[update.email] = update.seq
+                channel.batch.append(update)
                 self._due[update.app_id] = None
             elif update.app_id not in queued and self._left_recently(update.app_id):
                 self._keep(update.app_id, [update])
@@ -332,7 +342,7 @@ class Streams:
         channel = self.channels.get(app_id)
         if channel is None or not channel.batch:
             return None
-        updates, channel.batch = list(channel.batch.values()), {}
+        updates, channel.batch = channel.batch, []
         messages = [self.prepare(payload) for payload in encode_lists(updates, self.max_message)]
         m = self.metrics
         m.batch_size.observe(len(updates))
@@ -360,7 +370,11 @@ class Streams:
         kept = [u for (a, _), u in list(self._unsaved.items()) if a == app_id]
         for u in kept:
             del self._unsaved[(app_id, u.email)]
-        subscriber.loaded([Update(p.app_id, p.email, p.uid, p.status, p.at) for p in waiting] + kept)
+        seen = channel.seen
+        for u in [*waiting, *kept]:
+            if u.seq > seen.get(u.email, 0):
+                seen[u.email] = u.seq
+        subscriber.loaded([Update(p.app_id, p.email, p.uid, p.status, p.at, p.seq) for p in waiting] + kept)
         return subscriber
 
     async def _open_batch(self, app_ids: list[str]) -> list[list[PendingUpdate]]:
@@ -387,7 +401,7 @@ class Streams:
             unsent: dict[str, Update] = {}
             if fanout is not None and fanout.channel is channel and subscriber in fanout.targets[fanout.pos:]:
                 _merge(unsent, fanout.updates)   # the last connection left before its turn in a fan-out
-            _merge(unsent, channel.batch.values())
+            _merge(unsent, channel.batch)
             if unsent:
                 self._keep(app_id, list(unsent.values()))
             del self.channels[app_id]
@@ -397,6 +411,40 @@ class Streams:
     def _overflowed(self, subscriber: Subscriber) -> None:
         self.metrics.slow_closed.inc()
         self.unsubscribe(subscriber)
+
+    def close_all(self, code: int, reason: str) -> None:
+        """Close every application connection (a node taken for dead: they reconnect, here or elsewhere)."""
+        # Unsubscribed at once, not when each close completes: from now on their changes wait in
+        # the store for whichever connection comes next.
+        for channel in list(self.channels.values()):
+            for subscriber in list(channel.subscribers):
+                self.unsubscribe(subscriber)
+                subscriber.sink.close(code, reason)
+
+    def unsent_floor(self) -> int | None:
+        """The smallest change number this node holds but has not handed to a socket or to the waiting
+        queue yet (None: nothing): a node reports what lies below it as delivered, so a survivor
+        that reaps it hands on everything above it. Walks every connection: called once a heartbeat."""
+        floor: int | None = None
+
+        def lower(updates: Iterable[Update]) -> None:
+            nonlocal floor
+            for u in updates:
+                if floor is None or u.seq < floor:
+                    floor = u.seq
+
+        for channel in self.channels.values():
+            lower(channel.batch)
+            for subscriber in channel.subscribers:
+                if subscriber.backlog:
+                    lower(subscriber.backlog.values())
+        if self._fanout is not None:
+            lower(self._fanout.updates)
+        lower(self._unsaved.values())
+        for seqs in self._keeping.values():
+            if floor is None or seqs < floor:
+                floor = seqs
+        return floor
 
     def close_app(self, app_id: str, code: int, reason: str) -> None:
         """Close every connection of one application (deactivated, deleted)."""
@@ -415,21 +463,22 @@ class Streams:
         d.addBoth(lambda _: self._writes.discard(d))
 
     def _keep(self, app_id: str, updates: list[Update]) -> None:
-        rows = [PendingUpdate(app_id, u.email, u.uid, u.status, u.at) for u in updates]
+        rows = [PendingUpdate(app_id, u.email, u.uid, u.status, u.at, u.seq) for u in updates]
         d = ensureDeferred(self.store.queue_pending(rows))
         self._writes.add(d)
+        self._keeping[d] = min(u.seq for u in updates)
 
         def failed(failure):
             log.failure("could not store {n} waiting updates for {app_id}; retrying", failure,
                         n=len(updates), app_id=app_id, event="pending.store_failed")
             for u in updates:
                 key = (app_id, u.email)
-                if key not in self._unsaved or self._unsaved[key].at <= u.at:
+                if key not in self._unsaved or self._unsaved[key].seq <= u.seq:
                     self._unsaved[key] = u
             self._schedule_retry()
 
         d.addErrback(failed)
-        d.addBoth(lambda _: self._writes.discard(d))
+        d.addBoth(lambda _: (self._writes.discard(d), self._keeping.pop(d, None)))
 
     def _schedule_retry(self) -> None:
         if self._retry is None or not self._retry.active():

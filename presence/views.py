@@ -24,9 +24,11 @@ class Update:
     uid: str
     status: str
     at: float
+    seq: int = 0        # the change log's number of the change that made it (0: not logged)
 
     def as_json(self) -> dict:
-        return {"email": self.email, "status": self.status, "uid": self.uid, "at": round(self.at, 3)}
+        return {"email": self.email, "status": self.status, "uid": self.uid, "at": round(self.at, 3),
+                "seq": self.seq}
 
 
 def visible_to(device: Device, app_id: str) -> bool:

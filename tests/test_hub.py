@@ -59,7 +59,8 @@ async def test_only_granted_applications_hear_a_status(sqlite_store):
     await w.hub.set_status(phone, "online")
     w.clock.advance(0.05)
     assert g_peer.sent == [[{"email": "alice@example.com", "status": "online",
-                             "uid": w.uids[("alice@example.com", granted)], "at": 1_000_000.0}]]
+                             "uid": w.uids[("alice@example.com", granted)], "at": 1_000_000.0,
+                             "seq": await sqlite_store.last_change()}]]
     assert o_peer.sent == []
     assert (await sqlite_store.get_status("alice@example.com")).status == "online"
 
@@ -158,7 +159,7 @@ async def test_a_status_for_listed_applications_only(sqlite_store):
     await w.hub.set_status(phone, "online")
     await w.hub.set_status(phone, "unavailable", frozenset({b}))
     assert w.received(a_peer) == [("p@x.org", "online")]
-    assert w.received(b_peer) == [("p@x.org", "unavailable")]
+    assert w.received(b_peer) == [("p@x.org", "online"), ("p@x.org", "unavailable")]   # every transition
     await w.hub.set_status(phone, "offline")   # a change for everyone again
     assert w.received(a_peer)[-1] == ("p@x.org", "offline")
     assert w.received(b_peer)[-1] == ("p@x.org", "offline")
@@ -275,4 +276,5 @@ async def test_changes_arriving_together_are_committed_together_in_order(sqlite_
     assert (await sqlite_store.get_status("p0@x.org")).status == "offline"   # arrival order kept
     assert (await sqlite_store.get_status("p49@x.org")).status == "online"
     got = w.received(peer)
-    assert len(got) == 50 and ("p0@x.org", "offline") in got and ("p1@x.org", "online") in got
+    assert len(got) == 52 and ("p1@x.org", "online") in got
+    assert [s for e, s in got if e == "p0@x.org"] == ["online", "unavailable", "offline"]   # each, in order

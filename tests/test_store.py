@@ -57,8 +57,9 @@ async def active_app(store, app_id="app1", developer="dev@example.com", now=1.0)
     return await store.set_api_key(app.id, "hash-" + app_id, now + 2)
 
 
-def pending(app_id, email, status="online", at=1.0, uid=None) -> PendingUpdate:
-    return PendingUpdate(app_id, email, uid or f"uid-{email}", status, at)
+def pending(app_id, email, status="online", at=1.0, uid=None, seq=None) -> PendingUpdate:
+    """A waiting update; unless told, its change number follows its time (later: newer)."""
+    return PendingUpdate(app_id, email, uid or f"uid-{email}", status, at, int(at) if seq is None else seq)
 
 
 def dev(email, device, status="online", node="node1", at=1.0, session="", scope=None, overrides=None) -> Device:
@@ -329,8 +330,9 @@ async def test_v1_database_with_data_is_upgraded_by_open(database_url, tmp_path)
             "INSERT INTO devices (email, device, node, status, last_seen) VALUES (?, ?, ?, ?, ?)",
             ("p@x", "phone", "node1", "online", 4.0))
         await old._execute("INSERT INTO statuses (email, status, changed_at) VALUES (?, ?, ?)", ("p@x", "online", 4.0))
-        await old.queue_pending([pending("app1", "p@x", "online", at=4.0, uid="uid-p"),
-                                 pending("app1", "q@x", "unavailable", at=5.0)])
+        for row in [("app1", "p@x", "uid-p", "online", 4.0), ("app1", "q@x", "uid-q@x", "unavailable", 5.0)]:
+            # as version 1 wrote them (no change numbers yet)
+            await old._execute("INSERT INTO pending (app_id, email, uid, status, at) VALUES (?, ?, ?, ?, ?)", row)
     finally:
         await old.close()
 
@@ -351,7 +353,7 @@ async def test_v1_database_with_data_is_upgraded_by_open(database_url, tmp_path)
         change = await s.change_person("p@x", drop("phone"), "node2", 6.0)
         assert [(u.app_id, u.uid, u.status) for u in change.updates] == [("app1", "uid-p", "offline")]
         assert change.queued == {"app1"} and change.seq == 1
-        assert (await s.take_pending("app1", 0))[-1] == PendingUpdate("app1", "p@x", "uid-p", "offline", 6.0)
+        assert (await s.take_pending("app1", 0))[-1] == PendingUpdate("app1", "p@x", "uid-p", "offline", 6.0, 1)
     finally:
         await s.close()
 
@@ -670,7 +672,7 @@ async def test_updates_only_for_granted_apps_whose_view_changed(store):
     # Seen by a only: b and c keep seeing offline; the ungranted app hears nothing.
     change = await store.change_person("p@x", put(dev("p@x", "phone", "online", scope={"a", "notgranted"})),
                                        "node1", 10.0)
-    assert change.updates == [Update("a", "p@x", "a-p@x", "online", 10.0)]
+    assert change.updates == [Update("a", "p@x", "a-p@x", "online", 10.0, change.seq)]
 
     # A device seen by all, unavailable: a's view (online) holds, b and c change.
     change = await store.change_person("p@x", put(dev("p@x", "laptop", "unavailable")), "node1", 11.0)
@@ -1056,7 +1058,7 @@ async def test_take_pending_removes_in_order_and_drops_expired(store):
     ])
     taken = await store.take_pending("app1", not_before=10.0)
     assert [(u.email, u.at) for u in taken] == [("a@x", 10.0), ("b@x", 20.0), ("c@x", 30.0)]
-    assert taken[1] == PendingUpdate("app1", "b@x", "uid-b", "online", 20.0)
+    assert taken[1] == PendingUpdate("app1", "b@x", "uid-b", "online", 20.0, 20)
     assert await store.count_pending("app1") == 0  # the expired one is gone too
     assert await store.take_pending("app1", 0) == []
     assert await store.count_pending("app2") == 1

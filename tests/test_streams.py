@@ -36,8 +36,9 @@ class Turns(Clock):
         raise AssertionError("still running after %d turns" % limit)
 
 
-def upd(email, status, at, uid=None, app="app"):
-    return Update(app, email, uid or "u-" + email, status, at)
+def upd(email, status, at, uid=None, app="app", seq=None):
+    """An update; unless told, its change number follows its time (later: newer)."""
+    return Update(app, email, uid or "u-" + email, status, at, round(at * 1000) if seq is None else seq)
 
 
 def as_json(*updates):
@@ -98,7 +99,7 @@ class TestSubscriber:
 
 
 @pytest_twisted.ensureDeferred
-async def test_changes_in_one_window_go_out_as_one_list_latest_per_person(sqlite_store):
+async def test_changes_in_one_window_go_out_as_one_list_every_transition_in_order(sqlite_store):
     clock = Clock()
     streams = Streams(sqlite_store, clock, batch_window=0.05)
     a, b = ListPeer(), ListPeer()
@@ -108,7 +109,7 @@ async def test_changes_in_one_window_go_out_as_one_list_latest_per_person(sqlite
     streams.publish([upd("p@x", "unavailable", 1.01)])
     assert a.sent == []
     clock.advance(0.05)
-    expected = [as_json(upd("p@x", "unavailable", 1.01), upd("q@x", "online", 1))]
+    expected = [as_json(upd("p@x", "online", 1), upd("q@x", "online", 1), upd("p@x", "unavailable", 1.01))]
     assert a.sent == expected and b.sent == expected
 
 
@@ -117,8 +118,8 @@ async def test_a_connection_registers_its_application_and_gets_what_waited_first
     clock = Clock()
     clock.advance(1000)
     streams = Streams(sqlite_store, clock, node="n1", pending_ttl=3600)
-    await sqlite_store.queue_pending([PendingUpdate("app", "p@x", "u-p@x", "offline", 995),
-                                      PendingUpdate("app", "q@x", "u-q@x", "unavailable", 996)])
+    await sqlite_store.queue_pending([PendingUpdate("app", "p@x", "u-p@x", "offline", 995, 995_000),
+                                      PendingUpdate("app", "q@x", "u-q@x", "unavailable", 996, 996_000)])
     peer = ListPeer()
     sub = await streams.subscribe("app", peer)
     assert await sqlite_store.subscribed(["app", "other"]) == {"app"}
@@ -134,8 +135,8 @@ async def test_waiting_changes_older_than_the_ttl_are_not_delivered(sqlite_store
     clock = Clock()
     clock.advance(10_000)
     streams = Streams(sqlite_store, clock, pending_ttl=3600)
-    await sqlite_store.queue_pending([PendingUpdate("app", "old@x", "u-old@x", "online", 10_000 - 3601),
-                                      PendingUpdate("app", "new@x", "u-new@x", "online", 10_000 - 10)])
+    await sqlite_store.queue_pending([PendingUpdate("app", "old@x", "u-old@x", "online", 10_000 - 3601, 6_399_000),
+                                      PendingUpdate("app", "new@x", "u-new@x", "online", 10_000 - 10, 9_990_000)])
     peer = ListPeer()
     await streams.subscribe("app", peer)
     assert peer.sent == [as_json(upd("new@x", "online", 10_000 - 10))]
@@ -225,7 +226,7 @@ async def test_a_change_on_a_quiet_node_goes_out_on_the_next_turn_not_after_the_
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_change_within_the_window_waits_for_it_and_coalesces(sqlite_store):
+async def test_a_change_within_the_window_waits_for_it(sqlite_store):
     clock = Turns()
     streams = Streams(sqlite_store, clock, batch_window=0.5)
     peer = ListPeer()
@@ -241,7 +242,8 @@ async def test_a_change_within_the_window_waits_for_it_and_coalesces(sqlite_stor
     clock.advance(0.0625)
     assert len(peer.sent) == 1                    # at most one flush per window
     clock.advance(0.0625)                         # 0.5: the previous flush + the window
-    assert peer.sent[1:] == [as_json(upd("p@x", "offline", 0.375), upd("q@x", "online", 0.375))]
+    assert peer.sent[1:] == [as_json(upd("p@x", "unavailable", 0.25), upd("p@x", "offline", 0.375),
+                                     upd("q@x", "online", 0.375))]
     # quiet for a whole window: the next change goes at once again
     clock.advance(0.5)
     streams.publish([upd("q@x", "offline", 1.0)])
@@ -408,8 +410,8 @@ async def test_connections_arriving_together_open_in_one_store_transaction(sqlit
     clock = Clock()
     clock.advance(1000)
     streams = Streams(sqlite_store, clock, node="n1", pending_ttl=3600)
-    await sqlite_store.queue_pending([PendingUpdate("a", "p@x", "u-p@x", "offline", 995),
-                                      PendingUpdate("b", "q@x", "u-q@x", "online", 996)])
+    await sqlite_store.queue_pending([PendingUpdate("a", "p@x", "u-p@x", "offline", 995, 995_000),
+                                      PendingUpdate("b", "q@x", "u-q@x", "online", 996, 996_000)])
     calls = []
     real = sqlite_store.open_streams
 

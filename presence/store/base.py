@@ -25,6 +25,11 @@ class StoreUnavailable(Exception):
     """The database cannot be reached or failed; nothing was changed."""
 
 
+class NodeFenced(StoreUnavailable):
+    """This node's incarnation is no longer registered (another node took it for dead and cleaned up
+    after it): nothing was changed, and the node must close everything and rejoin as a new one."""
+
+
 @dataclass(frozen=True)
 class App:
     id: int                      # internal, stable from registration on
@@ -123,6 +128,18 @@ class PendingUpdate:
     uid: str
     status: str
     at: float
+    seq: int = 0                 # the change log's number: a newer update (by number) replaces an older one
+
+
+@dataclass(frozen=True)
+class Reaped:
+    """What cleaning up after one dead node did."""
+
+    node: str                    # the dead incarnation
+    people: int                  # people who had devices on it (now offline there)
+    apps: list[str]              # applications it held
+    changes: list[PersonChange]  # the offline changes, for the reaper to publish
+    handed: int                  # updates it may not have delivered, now waiting for their applications
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,8 @@ class PostgresStore(SQLStore):
     person_lock = ("SELECT count(pg_advisory_xact_lock(1, h)) FROM"
                    " (SELECT DISTINCT hashtext(e) AS h FROM unnest(?::text[]) AS e ORDER BY h) AS keys")
     notify = "SELECT pg_notify('presence', ?)"
+    fence_lock = " FOR SHARE"
+    clock_sql = "extract(epoch from clock_timestamp())"
 
     def __init__(self, url: str, reactor=None, pool_size: int = 3, connect_timeout: float = 10.0):
         if reactor is None:

@@ -19,92 +19,23 @@ and may hand them back as such.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable
-from dataclasses import dataclass
 from importlib.abc import Traversable
-from typing import Any, TypeVar
 
-import json
-
-from presence import changelog, views
+from presence import changelog
 from presence.store import migrations
+from presence.store.rows import (  # noqa: F401 (Script, Interaction and PENDING_BATCH: for the backends, tests)
+    APP_COLUMNS, GRANT_COLUMNS, IN_BATCH, PENDING_BATCH, PENDING_COLUMNS, Interaction, Script, T, _app, _in,
+    _one_app, _pending, _record, _where,
+)
+from presence.store.sql_changes import ChangeQueries
 from presence.store.sql_web import WebQueries
 from presence.store.base import (
     ACTIVE, PENDING, VERIFIED, App, Device, Grant, LoggedChange, Notification, PendingUpdate, PersonChange,
     PersonStatus, Queued,
 )
 
-T = TypeVar("T")
 
-
-@dataclass(frozen=True)
-class Script:
-    """Several ``;``-separated statements without parameters (a migration script)."""
-
-    text: str
-
-
-Statement = tuple[str, tuple]
-Interaction = Generator["Statement | Script", list[tuple], T]
-
-APP_COLUMNS = (
-    "id, app_id, developer, domain, name, description, verification_key, state, api_key_hash,"
-    " created_at, verified_at, activated_at"
-)
-GRANT_COLUMNS = "email, app_id, uid, created_at"
-DEVICE_COLUMNS = "email, device, node, status, last_seen, session, scope, overrides"
-PENDING_COLUMNS = "app_id, email, uid, status, at"
-
-# Rows per INSERT when queueing pending updates: well below SQLite's limit on bound parameters.
-PENDING_BATCH = 500
-# Values per IN (...) list or multi-row INSERT of a batch of changes.
-IN_BATCH = 500
-
-
-def _time(value: float | None) -> float | None:
-    return None if value is None else float(value)
-
-
-def _app(row: tuple) -> App:
-    *fields, created_at, verified_at, activated_at = row
-    return App(*fields, float(created_at), _time(verified_at), _time(activated_at))
-
-
-def _record(cls: type[T], row: tuple) -> T:
-    """Grant, Device, PersonStatus and PendingUpdate all end with their time."""
-    return cls(*row[:-1], float(row[-1]))
-
-
-def _device(row: tuple) -> Device:
-    email, device, node, status, last_seen, session, scope, overrides = row
-    return Device(email, device, node, status, float(last_seen), session,
-                  None if scope is None else frozenset(json.loads(scope)),
-                  {} if overrides == "{}" else json.loads(overrides))   # nearly always "{}": no parse
-
-
-def _device_row(d: Device) -> tuple:
-    scope = None if d.scope is None else json.dumps(sorted(d.scope))
-    return (d.email, d.device, d.node, d.status, d.last_seen, d.session, scope,
-            json.dumps(dict(d.overrides), sort_keys=True) if d.overrides else "{}")
-
-
-def _in(values: list) -> str:
-    return "(" + ", ".join("?" * len(values)) + ")"
-
-
-def _one_app(rows: list[tuple]) -> App | None:
-    return _app(rows[0]) if rows else None
-
-
-def _where(filters: Iterable[tuple[str, Any]]) -> tuple[str, tuple]:
-    """`` WHERE a = ? AND b = ?`` for the filters whose value is not None."""
-    used = [(column, value) for column, value in filters if value is not None]
-    if not used:
-        return "", ()
-    return " WHERE " + " AND ".join(f"{column} = ?" for column, _ in used), tuple(v for _, v in used)
-
-
-class SQLStore(WebQueries):
+class SQLStore(ChangeQueries, WebQueries):
     """The Store interface on top of the backend primitives (see the module docstring)."""
 
     #: Names the directory of schema scripts (presence/store/schema/<dialect>/).
@@ -113,13 +44,6 @@ class SQLStore(WebQueries):
     migration_lock: str | None = None
     #: Where the schema scripts are read from; tests point it at a directory of their own.
     schema_dir: Traversable | None = None
-    #: A statement locking one person (by email) until the transaction ends, across processes.
-    person_lock: str | None = None
-    #: A statement telling listening nodes a change was logged (its number as the argument).
-    notify: str | None = None
-    #: Whether change_people logs changes for other nodes (a node alone on its database does not
-    #: need to: Node turns it off for SQLite).
-    log_changes: bool = True
 
     # -- backend primitives ---------------------------------------------------------------
     async def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
@@ -295,192 +219,9 @@ class SQLStore(WebQueries):
         rows = await self._query(f"SELECT {GRANT_COLUMNS} FROM grants{where} ORDER BY email, app_id", args)
         return [_record(Grant, row) for row in rows]
 
-    # -- people --------------------------------------------------------------------------------
-    async def change_person(self, email: str, mutate, node: str, now: float, extra=None) -> PersonChange:
-        return (await self.change_people([(email, mutate, extra)], node, now))[0]
-
-    async def change_people(self, changes, node: str, now: float, held=()) -> list[PersonChange]:
-        """Several changes in one transaction (group commit): the people are locked and read with one
-        statement each, the changes applied in order in memory, each person's final devices written
-        once, and the whole batch logged as one change."""
-        emails = sorted({email for email, _, _ in changes})
-
-        def interaction():
-            if self.person_lock:
-                yield self.person_lock, (emails,)
-            devices: dict[str, dict[str, Device]] = {email: {} for email in emails}
-            for start in range(0, len(emails), IN_BATCH):
-                part = emails[start:start + IN_BATCH]
-                rows = yield f"SELECT {DEVICE_COLUMNS} FROM devices WHERE email IN {_in(part)}", tuple(part)
-                for device in map(_device, rows):
-                    devices[device.email][device.device] = device
-            # (app_id, uid) pairs, not Grant records: a person may have granted thousands.
-            grants: dict[str, list[tuple[str, str]]] = {email: [] for email in emails}
-            for start in range(0, len(emails), IN_BATCH):
-                part = emails[start:start + IN_BATCH]
-                rows = yield (f"SELECT email, app_id, uid FROM grants WHERE email IN {_in(part)} ORDER BY email, app_id",
-                              tuple(part))
-                for email, app_id, uid in rows:
-                    grants[email].append((app_id, uid))
-            initial = {email: dict(d) for email, d in devices.items()}
-            results: list[tuple[list, dict]] = []
-            extras = []
-            logged_extras = []
-            for email, mutate, extra in changes:
-                before = devices[email]
-                after = dict(before)
-                said = mutate(after)
-                if said:
-                    extra = {**(extra or {}), **said}
-                logged_extras.append(extra)
-                devices[email] = after
-                results.append((views.changes(before.values(), after.values(), email, grants[email], now), after))
-                if extra:
-                    extras.append(extra)
-            yield from self._write_devices(initial, devices, now)
-            updates = [u for person_updates, _ in results for u in person_updates]
-            queued: frozenset[str] = frozenset()
-            if updates:
-                # Only membership tests on ``held`` (the caller's live dict, read from the store's
-                # thread on SQLite: atomic under the GIL; an application that just left is caught
-                # by Streams.recently_left).
-                app_ids = sorted({u.app_id for u in updates if u.app_id not in held})
-                subscribed: set[str] = set()
-                for start in range(0, len(app_ids), IN_BATCH):
-                    part = app_ids[start:start + IN_BATCH]
-                    rows = yield f"SELECT DISTINCT app_id FROM subscriptions WHERE app_id IN {_in(part)}", tuple(part)
-                    subscribed.update(row[0] for row in rows)
-                queued = frozenset(app_ids) - subscribed
-                waiting = [(u.app_id, u.email, u.uid, u.status, u.at) for u in updates if u.app_id in queued]
-                if waiting:
-                    yield from self._queue(waiting)
-            seq = None
-            if (updates or extras) and self.log_changes:
-                seq = yield from self._log(node, now, changelog.encode(updates, queued, extras))
-            return [PersonChange(person_updates, queued & {u.app_id for u in person_updates},
-                                 seq if person_updates or extra else None, after)
-                    for (person_updates, after), extra in zip(results, logged_extras)]
-
-        return await self._transaction(interaction())
-
-    def _write_devices(self, initial: dict, final: dict, now: float):
-        """Each person's final devices, written once: deletes, one multi-row upsert, and the overall
-        statuses that changed."""
-        upserts, statuses = [], []
-        for email, after in final.items():
-            before = initial[email]
-            for device_id in before.keys() - after.keys():
-                yield "DELETE FROM devices WHERE email = ? AND device = ?", (email, device_id)
-            upserts += [_device_row(d) for device_id, d in after.items() if before.get(device_id) != d]
-            status = views.overall(after.values())
-            if status != views.overall(before.values()):
-                statuses.append((email, status, now))
-        for start in range(0, len(upserts), IN_BATCH):
-            part = upserts[start:start + IN_BATCH]
-            yield (
-                f"INSERT INTO devices ({DEVICE_COLUMNS}) VALUES "
-                + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(part))
-                + " ON CONFLICT (email, device) DO UPDATE SET node = excluded.node, status = excluded.status,"
-                " last_seen = excluded.last_seen, session = excluded.session, scope = excluded.scope,"
-                " overrides = excluded.overrides",
-                tuple(v for row in part for v in row),
-            )
-        for start in range(0, len(statuses), IN_BATCH):
-            part = statuses[start:start + IN_BATCH]
-            yield (
-                "INSERT INTO statuses (email, status, changed_at) VALUES " + ", ".join(["(?, ?, ?)"] * len(part))
-                + " ON CONFLICT (email) DO UPDATE SET status = excluded.status, changed_at = excluded.changed_at",
-                tuple(v for row in part for v in row),
-            )
-
-    def _log(self, origin: str, now: float, payload: str):
-        # The counter's row stays locked until commit, so numbers are taken in commit order: a node
-        # that has seen change N has seen every change before it.
-        rows = yield "UPDATE bus SET seq = seq + 1 WHERE id = 1 RETURNING seq", ()
-        seq = int(rows[0][0])
-        yield "INSERT INTO changes (seq, origin, at, payload) VALUES (?, ?, ?, ?)", (seq, origin, now, payload)
-        if self.notify:
-            yield self.notify, (str(seq),)
-        return seq
-
-    async def log_change(self, origin: str, now: float, payload: str) -> int:
-        return await self._transaction(self._log(origin, now, payload))
-
-    async def changes_since(self, seq: int, limit: int = 1000) -> list[LoggedChange]:
-        rows = await self._query(
-            "SELECT seq, origin, at, payload FROM changes WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))
-        return [LoggedChange(int(s), origin, float(at), payload) for s, origin, at, payload in rows]
-
-    async def last_change(self) -> int:
-        rows = await self._query("SELECT seq FROM bus WHERE id = 1")
-        return int(rows[0][0])
-
-    async def trim_changes(self, before: float) -> int:
-        return len(await self._query("DELETE FROM changes WHERE at < ? RETURNING 1", (before,)))
-
-    async def emails_on_node(self, node: str) -> list[str]:
-        rows = await self._query("SELECT DISTINCT email FROM devices WHERE node = ? ORDER BY email", (node,))
-        return [row[0] for row in rows]
-
-    async def list_devices(self, email: str) -> list[Device]:
-        rows = await self._query(f"SELECT {DEVICE_COLUMNS} FROM devices WHERE email = ? ORDER BY device", (email,))
-        return [_device(row) for row in rows]
-
-    async def get_status(self, email: str) -> PersonStatus | None:
-        rows = await self._query("SELECT email, status, changed_at FROM statuses WHERE email = ?", (email,))
-        return _record(PersonStatus, rows[0]) if rows else None
-
-    # -- nodes and subscriptions ----------------------------------------------------------------
-    async def register_node(self, node: str, now: float, last_applied: int) -> None:
-        await self._execute(
-            "INSERT INTO nodes (name, started_at, heartbeat_at, last_applied) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (name) DO UPDATE SET heartbeat_at = excluded.heartbeat_at,"
-            " last_applied = excluded.last_applied",
-            (node, now, now, last_applied),
-        )
-
-    async def heartbeat(self, node: str, now: float, last_applied: int) -> bool:
-        rows = await self._query(
-            "UPDATE nodes SET heartbeat_at = ?, last_applied = ? WHERE name = ? RETURNING name",
-            (now, last_applied, node))
-        return bool(rows)
-
-    async def forget_node(self, node: str) -> None:
-        def interaction():
-            yield "DELETE FROM subscriptions WHERE node = ?", (node,)
-            yield "DELETE FROM nodes WHERE name = ?", (node,)
-
-        await self._transaction(interaction())
-
-    async def claim_dead_node(self, before: float) -> tuple[str, int] | None:
-        # One statement: of several survivors, exactly one gets the row.
-        rows = await self._query(
-            "DELETE FROM nodes WHERE name = (SELECT name FROM nodes WHERE heartbeat_at < ?"
-            " ORDER BY heartbeat_at LIMIT 1) AND heartbeat_at < ? RETURNING name, last_applied",
-            (before, before))
-        return (rows[0][0], int(rows[0][1])) if rows else None
-
-    async def subscribe(self, node: str, app_id: str) -> None:
-        await self._execute(
-            "INSERT INTO subscriptions (node, app_id) VALUES (?, ?) ON CONFLICT (node, app_id) DO NOTHING",
-            (node, app_id))
-
-    async def unsubscribe(self, node: str, app_id: str) -> None:
-        await self._execute("DELETE FROM subscriptions WHERE node = ? AND app_id = ?", (node, app_id))
-
-    async def take_subscriptions(self, node: str) -> list[str]:
-        rows = await self._query("DELETE FROM subscriptions WHERE node = ? RETURNING app_id", (node,))
-        return sorted(row[0] for row in rows)
-
-    async def subscribed(self, app_ids: list[str]) -> set[str]:
-        if not app_ids:
-            return set()
-        rows = await self._query(
-            f"SELECT DISTINCT app_id FROM subscriptions WHERE app_id IN {_in(app_ids)}", tuple(app_ids))
-        return {row[0] for row in rows}
-
     # -- live notifications -------------------------------------------------------------------
-    async def queue_notifications(self, app_id: str, items, now: float, limit: int) -> list[Queued | None]:
+    async def queue_notifications(self, app_id: str, items, now: float, limit: int,
+                                  origin: str | None = None) -> list[Queued | None]:
         def interaction():
             rows = yield "SELECT name, domain FROM applications WHERE app_id = ?", (app_id,)
             if not rows:
@@ -525,6 +266,14 @@ class SQLStore(WebQueries):
                     yield (
                         "DELETE FROM notifications WHERE id IN (SELECT id FROM notifications WHERE email = ?"
                         " AND app_id = ? ORDER BY id LIMIT ?)", (email, app_id, count))
+            if origin is not None:
+                # Logged in the same transaction: stored and announced to the other nodes' devices
+                # together, or neither (an error then means nothing was stored).
+                delivered: dict[str, list[dict]] = {}
+                for queued in results:
+                    if queued is not None:
+                        delivered.setdefault(queued.notification.email, []).append(queued.notification.as_json())
+                yield from self._log(origin, now, changelog.encode([], extras=[{"notify": delivered}]))
             return results
 
         return await self._transaction(interaction())
@@ -569,26 +318,27 @@ class SQLStore(WebQueries):
 
     # -- waiting updates for applications without a connection -----------------------------
     async def queue_pending(self, updates: list[PendingUpdate]) -> None:
-        rows = [(u.app_id, u.email, u.uid, u.status, u.at) for u in updates]
+        rows = [(u.app_id, u.email, u.uid, u.status, u.at, u.seq) for u in updates]
         if rows:
             await self._transaction(self._queue(rows))
 
     def _queue(self, rows: list[tuple]):
-        """Upsert pending rows, keeping the newest per (app_id, email): no INSERT may touch the same
-        row twice, so duplicates are folded first."""
+        """Upsert pending rows (app_id, email, uid, status, at, seq), keeping the newest per
+        (app_id, email) by the change log's number, never by a node's clock: no INSERT may touch the
+        same row twice, so duplicates are folded first (the later of equal numbers wins)."""
         latest: dict[tuple[str, str], tuple] = {}
         for row in rows:
             key = (row[0], row[1])
-            if key not in latest or row[4] >= latest[key][4]:
+            if key not in latest or row[5] >= latest[key][5]:
                 latest[key] = row
         rows = list(latest.values())
         for start in range(0, len(rows), PENDING_BATCH):
             batch = rows[start:start + PENDING_BATCH]
-            values = ", ".join(["(?, ?, ?, ?, ?)"] * len(batch))
+            values = ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(batch))
             yield (
                 f"INSERT INTO pending ({PENDING_COLUMNS}) VALUES {values} ON CONFLICT (app_id, email)"
-                " DO UPDATE SET uid = excluded.uid, status = excluded.status, at = excluded.at"
-                " WHERE excluded.at >= pending.at",
+                " DO UPDATE SET uid = excluded.uid, status = excluded.status, at = excluded.at, seq = excluded.seq"
+                " WHERE excluded.seq >= pending.seq",
                 tuple(value for row in batch for value in row),
             )
 
@@ -603,17 +353,17 @@ class SQLStore(WebQueries):
                 yield ("INSERT INTO subscriptions (node, app_id) VALUES " + ", ".join(["(?, ?)"] * len(part))
                        + " ON CONFLICT (node, app_id) DO NOTHING", tuple(v for app_id in part for v in (node, app_id)))
                 rows = yield (f"DELETE FROM pending WHERE app_id IN {_in(part)} RETURNING {PENDING_COLUMNS}", tuple(part))
-                for update in (_record(PendingUpdate, row) for row in rows):
+                for update in map(_pending, rows):
                     if update.at >= not_before:
                         taken[update.app_id].append(update)
-            return {app_id: sorted(updates, key=lambda u: (u.at, u.email)) for app_id, updates in taken.items()}
+            return {app_id: sorted(updates, key=lambda u: (u.seq, u.email)) for app_id, updates in taken.items()}
 
         return await self._transaction(interaction())
 
     async def take_pending(self, app_id: str, not_before: float) -> list[PendingUpdate]:
         rows = await self._query(f"DELETE FROM pending WHERE app_id = ? RETURNING {PENDING_COLUMNS}", (app_id,))
-        updates = [_record(PendingUpdate, row) for row in rows]
-        return sorted((u for u in updates if u.at >= not_before), key=lambda u: (u.at, u.email))
+        updates = [_pending(row) for row in rows]
+        return sorted((u for u in updates if u.at >= not_before), key=lambda u: (u.seq, u.email))
 
     async def expire_pending(self, before: float) -> int:
         return len(await self._query("DELETE FROM pending WHERE at < ? RETURNING 1", (before,)))

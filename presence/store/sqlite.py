@@ -81,6 +81,7 @@ def _query(conn, sql: str, args: tuple) -> list[tuple]:
 
 class SQLiteStore(SQLStore):
     dialect = "sqlite"
+    clock_sql = "(julianday('now') - 2440587.5) * 86400.0"
 
     def __init__(self, path: str, reactor=None):
         # Resolved now: relative to the working directory at start, even if the process changes it later.
