@@ -159,6 +159,7 @@ class WebNode:
         clock = Clock()
         clock.advance(time.time())
         node = Node(config, store=store)
+        await node.cluster.join()   # registered, as a started node is: its writes are fenced by it
         mailer = RecordingMailer()
         site = await WebSite.open(node, clock=clock, mailer=mailer, http=http)
         node.verifier = make_verifier(config, clock, issuer=site.issuer)

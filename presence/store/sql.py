@@ -25,7 +25,7 @@ from presence import changelog
 from presence.store import migrations
 from presence.store.rows import (  # noqa: F401 (Script, Interaction and PENDING_BATCH: for the backends, tests)
     APP_COLUMNS, GRANT_COLUMNS, IN_BATCH, PENDING_BATCH, PENDING_COLUMNS, Interaction, Script, T, _app, _in,
-    _one_app, _pending, _record, _where,
+    _one_app, _pending, _record, _time, _where,
 )
 from presence.store.sql_changes import ChangeQueries
 from presence.store.sql_web import WebQueries

@@ -1,0 +1,362 @@
+"""What an application is told stays true through crashes, restarts, pauses, clock skew and store
+failures (issue 13): one regression test per case found from outside, each failing on the code
+before the fix. Real `twistd presence` processes where the fault is a process's (kill -9, SIGSTOP,
+a lost LISTEN connection); the store and the core directly where it is the database's."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import time
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import Clock, deferLater
+
+from presence.apps import Applications
+from presence.bus import ChangeFeed
+from presence.cluster import Cluster
+from presence.hub import Hub
+from presence.notifications import Notifier
+from presence.store import Device, StoreUnavailable, open_store
+from presence.streams import Streams, Subscriber
+from presence.views import Update
+from tests.cluster import AUDIENCE, NodeProcess
+from tests.conftest import _admin
+from tests.fakes import ListPeer
+from tests.wsclient import WSClient
+
+
+async def sleep(seconds: float) -> None:
+    await deferLater(reactor, seconds, lambda: None)
+
+
+def pairs(batch):
+    return [(u["email"], u["status"]) for u in batch]
+
+
+async def updates_until(client: WSClient, done, timeout: float = 15.0) -> list[dict]:
+    """Every update received until ``done(updates)`` holds."""
+    got: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while not done(got):
+        assert time.monotonic() < deadline, f"gave up waiting; received {pairs(got)}"
+        got += await client.receive(max(0.1, deadline - time.monotonic()))
+    return got
+
+
+async def new_app(store, *granted: str):
+    apps = Applications(store, reactor)
+    app = await apps.register("dev@example.com", f"app{len(await store.list_apps())}.example", "App", "")
+    app = await apps.mark_verified(app)
+    for email in granted:
+        await apps.grant(email, app.app_id)
+    return await apps.activate(app)
+
+
+async def stream(port: int, app, key) -> WSClient:
+    client = await WSClient.connect(port, "/" + app.app_id)
+    client.send({"key": key})
+    assert (await client.receive())["result"] == "OK"
+    return client
+
+
+async def device(port: int, idp, email: str, name: str = "phone") -> WSClient:
+    client = await WSClient.connect(port, "/presence")
+    client.send({"type": "connect", "assertion": idp.assertion(email, AUDIENCE), "device": name})
+    assert (await client.receive())["result"] is True
+    return client
+
+
+async def status(client: WSClient, value: str) -> None:
+    client.send({"type": "status", "status": value})
+    assert await client.receive() == {"result": "OK"}
+
+
+# -- 1. kill -9 and restart on the same database --------------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_a_node_restarted_after_kill_9_hands_its_applications_every_change(idp, tmp_path):
+    database = f"sqlite:{tmp_path / 'presence.sqlite'}"
+    store = open_store(database)
+    await store.open()
+    people = [f"p{i}@example.com" for i in range(10)]
+    app, key = await new_app(store, "alice@example.com", *people)
+    node = NodeProcess("solo", database, idp, tmp_path)
+    node.database = database          # SQLite: no application_name
+    await node.start()
+    try:
+        app_stream = await stream(node.ws, app, key)
+        alice = await device(node.ws, idp, "alice@example.com")
+        await status(alice, "online")
+        assert pairs(await app_stream.receive()) == [("alice@example.com", "online")]
+
+        node.process.send_signal(signal.SIGKILL)   # what Restart=on-failure restarts after
+        node.process.wait(timeout=10)
+        await node.start()
+        # the application is away: every change now waits for it, the recovery's too
+        for email in people:
+            await status(await device(node.ws, idp, email), "online")
+        again = await stream(node.ws, app, key)
+        got = await updates_until(again, lambda got: len(got) >= 11)
+        assert sorted(pairs(got)) == sorted([("alice@example.com", "offline")] + [(p, "online") for p in people])
+        assert all(u["seq"] > 0 for u in got)
+    finally:
+        await node.stop()
+        await store.close()
+
+
+# -- 2. reaping stops halfway ----------------------------------------------------------------------------
+class Budget:
+    """The store fails (StoreUnavailable) once ``left`` more statements have run: a reaper whose
+    database goes away in the middle of its work."""
+
+    def __init__(self, store, left: int):
+        self.left = left
+        for name in ("_query", "_execute"):
+            inner = getattr(store, name)
+
+            async def counted(*args, _inner=inner):
+                self.spend()
+                return await _inner(*args)
+            setattr(store, name, counted)
+        inner_transaction = store._transaction
+
+        async def transaction(interaction):
+            return await inner_transaction(self._steps(interaction))
+        store._transaction = transaction
+
+    def spend(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise StoreUnavailable("injected: the database went away")
+
+    def _steps(self, interaction):
+        rows = None
+        while True:
+            try:
+                step = interaction.send(rows)
+            except StopIteration as done:
+                return done.value
+            self.spend()
+            rows = yield step
+
+
+def survivor(store, name: str) -> Cluster:
+    clock = Clock()
+    clock.advance(time.time())
+    streams = Streams(store, clock, node=name)
+    hub = Hub(store, streams, clock, name)
+    feed = ChangeFeed(store, clock, hub.apply)
+    return Cluster(store, hub, feed, clock, name, node_timeout=30.0)
+
+
+@pytest.mark.parametrize("failing_after", [5, 60, 400])
+@pytest_twisted.ensureDeferred
+async def test_a_reaper_that_fails_halfway_leaves_nobody_online_for_ever(database_url, failing_after):
+    setup = open_store(database_url)
+    await setup.open()
+    try:
+        await setup.add_developer("dev@example.com", 1.0)
+        app, _ = await new_app(setup)
+        people = [f"p{i:03}@example.com" for i in range(300)]
+        for email in people:
+            await setup.add_grant(email, app.app_id, "uid-" + email, 1.0)
+        await setup.register_node("dead", time.time() - 100, 0)
+        await setup.subscribe("dead", app.app_id)
+
+        def online(email):
+            def put(devices):
+                devices["phone"] = Device(email, "phone", "dead", "online", 1.0, "s")
+            return put
+        await setup.change_people([(email, online(email), None) for email in people], "dead", 1.0)
+
+        first = open_store(database_url)
+        await first.open()
+        Budget(first, failing_after)
+        cluster = survivor(first, "first")
+        await cluster.join()
+        await cluster.beat()             # fails somewhere in the middle (logged, not raised)
+        await first.close()
+
+        second = open_store(database_url)
+        await second.open()
+        cluster = survivor(second, "second")
+        await cluster.join()
+        await cluster.beat()
+        await second.close()
+
+        assert await setup.emails_on_node("dead") == []
+        assert {(await setup.get_status(email)).status for email in people} == {"offline"}
+        assert await setup.take_subscriptions("dead") == []
+        waiting = await setup.take_pending(app.app_id, 0)
+        assert sorted((u.email, u.status) for u in waiting) == [(email, "offline") for email in people]
+    finally:
+        await setup.close()
+
+
+# -- 3. a notification is stored and announced together, or not at all ---------------------------
+class Phone(ListPeer):
+    def __init__(self):
+        super().__init__()
+        self.notified: list[dict] = []
+
+    def notify(self, notifications: list[dict]) -> None:
+        self.notified += notifications
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_notification_answered_unavailable_was_not_stored(database_url):
+    store = open_store(database_url)
+    await store.open()
+    try:
+        app, _ = await new_app(store, "alice@example.com")
+        uid = (await store.get_grant("alice@example.com", app.app_id)).uid
+        clock = Clock()
+        hub = Hub(store, Streams(store, clock), clock, "n")
+        phone = Phone()
+        await hub.attach("alice@example.com", "phone", None, phone)
+        notifier = Notifier(store, hub, clock, "n")
+        inner = store._transaction
+
+        async def no_log(interaction):
+            def steps():
+                rows = None
+                while True:
+                    try:
+                        step = interaction.send(rows)
+                    except StopIteration as done:
+                        return done.value
+                    if "INSERT INTO changes" in step[0]:
+                        raise StoreUnavailable("injected: the database went away")
+                    rows = yield step
+            return await inner(steps())
+        store._transaction = no_log
+        with pytest.raises(StoreUnavailable):
+            await notifier.send(app, [{"uid": uid, "message": "hello"}])
+        store._transaction = inner
+        assert await store.pending_notifications("alice@example.com", 0) == []
+        assert phone.notified == []
+        # the application's retry is then the only copy
+        assert (await notifier.send(app, [{"uid": uid, "message": "hello"}]))[0]["result"] == "OK"
+        assert [n.message for n in await store.pending_notifications("alice@example.com", 0)] == ["hello"]
+    finally:
+        await store.close()
+
+
+# -- 4. order by the change log, not by the nodes' clocks ----------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_the_waiting_queue_keeps_the_later_change_whatever_the_clocks(database_url):
+    store = open_store(database_url)
+    await store.open()
+    try:
+        app, _ = await new_app(store, "alice@example.com")
+
+        def put(status):
+            def mutate(devices):
+                devices["phone"] = Device("alice@example.com", "phone", "n", status, 1.0, "s")
+            return mutate
+        await store.change_person("alice@example.com", put("online"), "fast-clock", 100.0)
+        await store.change_person("alice@example.com", put("unavailable"), "slow-clock", 98.0)  # 2 s behind, later
+        assert [(u.status, u.seq) for u in await store.take_pending(app.app_id, 0)] == [("unavailable", 2)]
+    finally:
+        await store.close()
+
+
+def test_a_slow_reader_is_sent_the_later_change_whatever_the_clocks():
+    clock, sink = Clock(), ListPeer()
+    reader = Subscriber("app", sink, clock, 10, 10.0, lambda s: None)
+    reader.loaded([])
+    reader.pause()
+    reader.push(b"", [Update("app", "p@x", "u", "online", 100.0, 7)])
+    reader.push(b"", [Update("app", "p@x", "u", "unavailable", 98.0, 8)])
+    reader.resume()
+    assert [u["status"] for batch in sink.sent for u in batch] == ["unavailable"]
+
+
+# -- 5. a node paused past --node-timeout -------------------------------------------------------------
+@pytest_twisted.async_yield_fixture
+async def two_nodes(idp, postgres_url, tmp_path):
+    store = open_store(postgres_url)
+    await store.open()
+    nodes = {name: NodeProcess(name, postgres_url, idp, tmp_path, **{"log-retention": "4"}) for name in ("a", "b")}
+    for node in nodes.values():
+        await node.start()
+    try:
+        yield store, nodes
+    finally:
+        for node in nodes.values():
+            if node.process is not None and node.process.poll() is None:
+                node.process.send_signal(signal.SIGCONT)
+            await node.stop()
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_paused_past_the_timeout_closes_everything_and_rejoins(two_nodes, idp):
+    store, nodes = two_nodes
+    app, key = await new_app(store, "alice@example.com", "bob@example.com")
+    on_a = await stream(nodes["a"].ws, app, key)
+    alice = await device(nodes["a"].ws, idp, "alice@example.com")
+    await status(alice, "online")
+    assert pairs(await on_a.receive()) == [("alice@example.com", "online")]
+
+    nodes["a"].process.send_signal(signal.SIGSTOP)
+    # b reaps a (node timeout 3 s): alice is offline, and a's application waits for it
+    deadline = time.monotonic() + 20
+    while (await store.get_status("alice@example.com")).status != "offline":
+        assert time.monotonic() < deadline, "a was never reaped"
+        await sleep(0.2)
+    bob = await device(nodes["b"].ws, idp, "bob@example.com")
+    await status(bob, "online")
+    await sleep(6)                           # past --log-retention too: the log moved on without a
+    nodes["a"].process.send_signal(signal.SIGCONT)
+
+    # a finds it was taken for dead: it closes what it held, and they start again from the truth
+    assert await on_a.wait_closed(timeout=15) == 1001
+    assert await alice.wait_closed(timeout=5) == 1001
+    again = await stream(nodes["a"].ws, app, key)
+    got = await updates_until(again, lambda got: {"alice@example.com", "bob@example.com"} <= {u["email"] for u in got})
+    latest = {u["email"]: u["status"] for u in sorted(got, key=lambda u: u["seq"])}
+    assert latest == {"alice@example.com": "offline", "bob@example.com": "online"}
+    alice = await device(nodes["a"].ws, idp, "alice@example.com")
+    await status(alice, "online")
+    got = await updates_until(again, lambda got: ("alice@example.com", "online") in pairs(got))
+    assert (await store.get_status("alice@example.com")).status == "online"
+    assert "rejoined as a#" in nodes["a"].output()
+
+
+# -- 6. a lost LISTEN connection during a stream of changes ---------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_every_transition_arrives_in_order_across_a_lost_listen_connection(idp, postgres_url, tmp_path):
+    store = open_store(postgres_url)
+    await store.open()
+    options = {"device-rate": "1000", "device-burst": "1000"}
+    nodes = [NodeProcess(name, postgres_url, idp, tmp_path, **options) for name in ("a", "b")]
+    for node in nodes:
+        await node.start()
+    try:
+        app, key = await new_app(store, "alice@example.com")
+        on_b = await stream(nodes[1].ws, app, key)
+        await sleep(0.2)
+        alice = await device(nodes[0].ws, idp, "alice@example.com")
+        sent = [s for s, _ in zip(itertools.cycle(["online", "unavailable"]), range(200))]
+        for i, value in enumerate(sent):
+            await status(alice, value)
+            if i == 100:
+                database = postgres_url.rsplit("/", 1)[1]
+                conn = _admin()
+                with conn.cursor() as cur:   # b's LISTEN connection, in this test's database only
+                    cur.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s"
+                                " AND application_name = 'presence-b' AND query LIKE 'LISTEN%%'", (database,))
+                    assert cur.fetchone()[0] == 1
+                conn.close()
+        got = await updates_until(on_b, lambda got: len(got) >= len(sent), timeout=30)
+        assert [u["status"] for u in got] == sent
+        assert [u["seq"] for u in got] == sorted(u["seq"] for u in got)
+        await on_b.nothing_more(0.5)
+    finally:
+        for node in nodes:
+            await node.stop()
+        await store.close()
