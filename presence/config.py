@@ -23,6 +23,18 @@ class Config:
     audiences: list[str] = field(default_factory=list)
     insecure_identity: bool = False
     support_cache_ttl: float = 3600.0
+    support_timeout: float = 10.0
+    # Assertions: the furthest in the future their expiry may lie (and the clocks' allowance).
+    max_assertion_lifetime: float = 600.0
+    max_certificate_lifetime: float = 86400.0
+    clock_skew: float = 120.0
+
+    # Outbound fetches (Verify, support documents): presence/fetch.py.
+    fetch_max_head: int = 16 * 1024
+    fetch_max_header_lines: int = 100
+
+    # Request bodies of the HTTP listeners (POSTs), in bytes: larger ones get 413 before they are read.
+    max_body: int = 1024 * 1024
 
     # Devices.
     grace: float = 10.0

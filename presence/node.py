@@ -46,13 +46,12 @@ _APP_PATH = re.compile(r"^/([A-Za-z0-9_-]{1,64})$")
 
 def make_verifier(config: Config, clock: Any, http_client: Any = None, issuer: Any = None) -> Any:
     """The assertion verifier of devices and pages; ``issuer`` (Presence's own identity provider) is
-    known without a fetch and trusted for any address, since it proved each one with a one-time link."""
-    import treq
-
+    known without a fetch and trusted for any address, since it proved each one with a one-time link.
+    Support documents are fetched with presence.fetch (unless ``http_client`` is given)."""
     from presence.identity import Verifier
 
     local = {issuer.domain: issuer.public_key} if issuer is not None else None
-    verifier = Verifier.from_config(config, http_client or treq, clock, local_issuers=local)
+    verifier = Verifier.from_config(config, http_client, clock, local_issuers=local)
     if issuer is not None:
         verifier.trusted_issuers = verifier.trusted_issuers | {issuer.domain}
     return verifier

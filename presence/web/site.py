@@ -78,7 +78,8 @@ class WebSite:
                                     config.login_link_lifetime)
         self.developer = DeveloperPages(self)
         self.people = PeoplePages(self)
-        self.http = http or safe_client(node.reactor, config.verify_allow_private, connect_timeout=config.verify_timeout)
+        self.http = http or safe_client(node.reactor, config.verify_allow_private, connect_timeout=config.verify_timeout,
+                                        max_head=config.fetch_max_head, max_header_lines=config.fetch_max_header_lines)
         self.poller = VerificationPoller(self.store, self.apps, self.clock, config.node, self._check,
                                          config.verify_poll)
         self._cleanup = LoopingCall(self._expire)
