@@ -23,7 +23,6 @@ from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
-from twisted.web.server import Site
 
 from presence import errors, systemd
 from presence.apps import Applications
@@ -37,6 +36,7 @@ from presence.store import StoreUnavailable, open_store
 from presence.streams import Streams
 from presence.ws.app import AppSession
 from presence.ws.device import DeviceSession
+from presence.web.bodies import limited_site
 from presence.ws.server import PresenceServerFactory, not_found
 
 log = Logger()
@@ -167,7 +167,7 @@ class Node(Service):
 
         if self.config.metrics:
             self.metrics_port = await endpoints.serverFromString(self.reactor, self.config.metrics).listen(
-                Site(Front(self, registry=self.metrics.registry)))
+                limited_site(Front(self, registry=self.metrics.registry), self.config.max_body))
         delay = 1.0
         while True:
             try:
@@ -197,7 +197,7 @@ class Node(Service):
             self.verifier = make_verifier(self.config, self.reactor, issuer=self.web.issuer)
         await self.web.start()
         self.web_port = await endpoints.serverFromString(self.reactor, self.config.web).listen(
-            Site(Front(self, pages=self.web.resource())))
+            limited_site(Front(self, pages=self.web.resource()), self.config.max_body))
         self.ws_port = await endpoints.serverFromString(self.reactor, self.config.ws).listen(self.ws_factory)
         self.ready = True
         self._settle_memory()
