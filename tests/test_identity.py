@@ -257,6 +257,30 @@ def test_assertion_issued_in_the_future(env):
     refused(env.verifier(), a, errors.ASSERTION_EXPIRED, "assertion issued in the future")
 
 
+def test_an_assertion_valid_until_the_year_3000_is_refused(env):
+    year_3000 = 32503680000.0
+    a = env.assertion(lifetime=year_3000 - NOW)
+    refused(env.verifier(), a, errors.ASSERTION_EXPIRED, "assertion expires at 3000-01-01", "at most")
+    a = env.assertion(lifetime=601 + 120)   # just past the default 600 s plus the 120 s skew
+    refused(env.verifier(), a, errors.ASSERTION_EXPIRED, "more than 600 s from now")
+    assert verify(env.verifier(), env.assertion(lifetime=600 + 120)).email  # within
+    assert verify(env.verifier(max_assertion_lifetime=3600), env.assertion(lifetime=3000)).email
+
+
+def test_a_certificate_valid_for_more_than_a_day_is_refused(env):
+    refused(env.verifier(), env.assertion(cert_lifetime=86400 + 121), errors.ASSERTION_EXPIRED,
+            "certificate expires at", "more than 86400 s from now")
+    assert verify(env.verifier(), env.assertion(cert_lifetime=86400)).email  # Presence's own IdP: one day
+    refused(env.verifier(max_certificate_lifetime=3600), env.assertion(cert_lifetime=7200),
+            errors.ASSERTION_EXPIRED, "more than 3600 s from now")
+
+
+def test_the_lifetimes_and_skew_come_from_the_options(env):
+    config = Config(max_assertion_lifetime=60, max_certificate_lifetime=7200, clock_skew=5)
+    v = Verifier.from_config(config, http_client=TreqFetcher(env.http), clock=env.clock)
+    assert (v.max_assertion_lifetime, v.max_certificate_lifetime, v.skew) == (60, 7200, 5)
+
+
 def test_expires_at_is_the_certificate_expiry(env):
     identity = verify(env.verifier(), env.assertion(cert_lifetime=600))
     assert identity.expires_at == NOW + 600
