@@ -79,6 +79,9 @@ class Config:
     session_lifetime: float = 86400.0
     identity_key_file: str = ""       # empty: a key made once and kept in the database
     login_link_lifetime: float = 900.0
+    login_links_per_client: int = 10     # one-time links one client address may ask for per link lifetime
+    login_links_total: int = 300         # one-time links this node sends per link lifetime, all clients
+    client_address_header: str = ""      # e.g. X-Forwarded-For behind a balancer (its last value is used)
     smtp_host: str = ""               # empty: one-time links are written to the node's log
     smtp_port: int = 25
     smtp_from: str = ""

@@ -101,8 +101,9 @@ class Browser:
             fields.setdefault("csrf", self.csrf)
         return await self._page(await self.http.post(self.url(path), data=fields, allow_redirects=False))
 
-    async def post_json(self, path: str, body: dict[str, Any], csrf: bool = True) -> Page:
-        headers = {"content-type": ["application/json"]}
+    async def post_json(self, path: str, body: dict[str, Any], csrf: bool = True,
+                        extra: dict[str, list[str]] | None = None) -> Page:
+        headers = {"content-type": ["application/json"], **(extra or {})}
         if csrf:
             headers["x-csrf-token"] = [self.csrf]
         response = await self.http.post(self.url(path), data=json.dumps(body).encode(), headers=headers,

@@ -19,6 +19,7 @@ idp.py (signing in), developer.py (/myapps) and people.py (the door hanger and /
 
 from __future__ import annotations
 
+import math
 from importlib import resources
 from typing import Any
 from urllib.parse import quote
@@ -75,7 +76,8 @@ class WebSite:
                                  secure=self.public_url.startswith("https:"))
         self.issuer = issuer
         self.idp = IdentityProvider(self, issuer, mailer or mailer_from_config(config, node.reactor),
-                                    config.login_link_lifetime)
+                                    config.login_link_lifetime, config.login_links_per_client,
+                                    config.login_links_total, config.client_address_header)
         self.developer = DeveloperPages(self)
         self.people = PeoplePages(self)
         self.http = http or safe_client(node.reactor, config.verify_allow_private, connect_timeout=config.verify_timeout,
@@ -152,6 +154,8 @@ class WebSite:
     @app.handle_errors(Problem)
     async def problem(self, request: Any, failure: Any) -> bytes:
         p = failure.value
+        if p.retry_after is not None:
+            request.setHeader(b"retry-after", str(max(1, math.ceil(p.retry_after))).encode())
         if (request.getHeader(b"content-type") or b"").startswith(b"application/json"):
             return send_json(request, p.code, {"error": p.message})
         return await self.page(request, "problem.html", code=p.code, title=p.title, message=p.message)
