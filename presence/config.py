@@ -78,6 +78,7 @@ class Config:
     session_secret_file: str = ""     # empty: a secret kept in the database, shared by every node
     session_lifetime: float = 86400.0
     identity_key_file: str = ""       # empty: a key made once and kept in the database
+    secrets_key_file: str = ""        # empty: <the SQLite file>.key, or presence-secrets.key (PostgreSQL)
     login_link_lifetime: float = 900.0
     login_links_per_client: int = 10     # one-time links one client address may ask for per link lifetime
     login_links_total: int = 300         # one-time links this node sends per link lifetime, all clients

@@ -59,6 +59,7 @@ SETTINGS: list[tuple[str, str]] = [
     ("session_secret_file", "file holding the secret that signs the pages' cookies (made if missing); empty: kept in the database, shared by all nodes"),
     ("session_lifetime", "seconds a sign-in to the pages lasts"),
     ("identity_key_file", "PEM private key of Presence's own identity provider (made if missing); empty: kept in the database"),
+    ("secrets_key_file", "key that encrypts the secrets kept in the database (made, mode 0600, if missing); empty: <SQLite file>.key, or presence-secrets.key in the working directory with PostgreSQL; every node sharing a database needs the same one"),
     ("login_link_lifetime", "seconds a one-time sign-in link stays valid"),
     ("login_links_per_client", "one-time sign-in links one client address may ask for per --login-link-lifetime (0: no limit)"),
     ("login_links_total", "one-time sign-in links this node sends per --login-link-lifetime, all clients together (0: no limit)"),

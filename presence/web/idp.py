@@ -30,6 +30,7 @@ from presence.identity.issuer import CERT_LIFETIME
 from presence.identity.verifier import _EMAIL
 from presence.keys import hash_key
 from presence.ratelimit import KeyedLimit
+from presence.secrets_at_rest import SecretBox, shared_secret
 from presence.web.common import Problem, local_path, read_json, send_json
 
 log = Logger()
@@ -57,9 +58,9 @@ def _load(pem: bytes, where: str) -> rsa.RSAPrivateKey:
     return key
 
 
-async def load_issuer(config: Any, store: Any, reactor: Any, now: float) -> Issuer:
+async def load_issuer(config: Any, store: Any, reactor: Any, now: float, box: SecretBox | None = None) -> Issuer:
     """Presence's own issuer: its key from --identity-key-file (made there if missing) or, shared by
-    every node, from the database (made once)."""
+    every node, from the database (made once, stored encrypted with ``box``: presence.secrets_at_rest)."""
     path = config.identity_key_file
     if path and os.path.exists(path):
         with open(path, "rb") as f:
@@ -72,16 +73,20 @@ async def load_issuer(config: Any, store: Any, reactor: Any, now: float) -> Issu
                 f.write(_pem(key))
             log.info("made a new identity key in {path}", path=path, event="idp.key_created")
         else:
-            pem = await store.web_secret("identity_key", _pem(key).decode("ascii"), now)
+            box = box or SecretBox.from_config(config, store)
+            made = _pem(key).decode("ascii")
+            pem = await shared_secret(store, box, "identity_key", lambda: made, now)
             key = _load(pem.encode("ascii"), "the database's identity key")
     return Issuer(issuer_domain(config.public_url), key, "jwk")
 
 
-async def load_secret(config: Any, store: Any, now: float) -> bytes:
-    """The secret that signs cookies: from --session-secret-file (made there if missing) or the database."""
+async def load_secret(config: Any, store: Any, now: float, box: SecretBox | None = None) -> bytes:
+    """The secret that signs cookies: from --session-secret-file (made there if missing) or the
+    database (stored encrypted with ``box``: presence.secrets_at_rest)."""
     path = config.session_secret_file
     if not path:
-        return (await store.web_secret("session_secret", secrets.token_hex(32), now)).encode("ascii")
+        box = box or SecretBox.from_config(config, store)
+        return (await shared_secret(store, box, "session_secret", lambda: secrets.token_hex(32), now)).encode("ascii")
     if not os.path.exists(path):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:

@@ -33,6 +33,7 @@ from presence import __version__
 from presence.mail import mailer_from_config
 from presence.store import StoreUnavailable
 from presence.verification import VerificationPoller, check_domain, safe_client
+from presence.secrets_at_rest import SecretBox
 from presence.web.common import Problem, arg, local_path, redirect, render, send_json, with_query
 from presence.web.developer import DeveloperPages
 from presence.web.idp import IdentityProvider, load_issuer, load_secret
@@ -91,8 +92,11 @@ class WebSite:
     async def open(cls, node: Any, clock: Any = None, mailer: Any = None, http: Any = None) -> WebSite:
         """Load what every node shares (the cookie secret, the identity key) from the store or files."""
         now = (clock or node.reactor).seconds()
-        secret = await load_secret(node.config, node.store, now)
-        issuer = await load_issuer(node.config, node.store, node.reactor, now)
+        box = None
+        if not (node.config.session_secret_file and node.config.identity_key_file):
+            box = SecretBox.from_config(node.config, node.store)   # what the database keeps of them is encrypted
+        secret = await load_secret(node.config, node.store, now, box)
+        issuer = await load_issuer(node.config, node.store, node.reactor, now, box)
         return cls(node, clock, secret, issuer, mailer, http)
 
     async def start(self) -> None:
