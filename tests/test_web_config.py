@@ -134,3 +134,19 @@ async def test_another_key_stops_the_node_with_a_clear_message(sqlite_store, tmp
     (tmp_path / "bad").write_text("not a key\n")
     with pytest.raises(SecretsKeyError, match="not a secrets key"):
         await load_secret(Config(secrets_key_file=str(tmp_path / "bad")), sqlite_store, 3.0)
+
+
+def test_the_hostile_input_options_have_help_defaults_and_are_in_the_operator_guide():
+    helped = dict(SETTINGS)
+    guide = (Path(__file__).parent.parent / "docs" / "operations.md").read_text()
+    security = (Path(__file__).parent.parent / "docs" / "security-fetch.md").read_text()
+    for name in ("support_timeout", "max_assertion_lifetime", "max_certificate_lifetime", "clock_skew",
+                 "fetch_max_head", "fetch_max_header_lines", "max_body", "secrets_key_file",
+                 "login_links_per_client", "login_links_total", "client_address_header"):
+        option = f"`--{name.replace('_', '-')}`"
+        assert helped[name] and option in guide, name
+        assert option in security or name in ("support_timeout", "secrets_key_file") or name.startswith("client"), name
+    config = Config()
+    assert (config.max_body, config.fetch_max_head, config.fetch_max_header_lines) == (1024 * 1024, 16384, 100)
+    assert (config.max_assertion_lifetime, config.max_certificate_lifetime, config.clock_skew) == (600, 86400, 120)
+    assert (config.login_links_per_client, config.login_links_total, config.client_address_header) == (10, 300, "")
