@@ -139,7 +139,8 @@ async def _dispatch(args: argparse.Namespace, store: Store, apps: Applications, 
                         await check_domain(http, reactor, app.domain, app.verification_key, timeout)
                     except VerificationFailed as e:
                         hint = " (for a local setup, add --allow-private)" if e.reason == PRIVATE else ""
-                        raise AdminError(f"not verified: {e}{hint}")
+                        # the operator sees why (the pages show developers only what must be served)
+                        raise AdminError(f"not verified: {e.detail}{hint}")
                 app = await apps.mark_verified(app)
                 say(f"verified: app id {app.app_id}")
             elif args.command == "activate":

@@ -23,6 +23,18 @@ class Config:
     audiences: list[str] = field(default_factory=list)
     insecure_identity: bool = False
     support_cache_ttl: float = 3600.0
+    support_timeout: float = 10.0
+    # Assertions: the furthest in the future their expiry may lie (and the clocks' allowance).
+    max_assertion_lifetime: float = 600.0
+    max_certificate_lifetime: float = 86400.0
+    clock_skew: float = 120.0
+
+    # Outbound fetches (Verify, support documents): presence/fetch.py.
+    fetch_max_head: int = 16 * 1024
+    fetch_max_header_lines: int = 100
+
+    # Request bodies of the HTTP listeners (POSTs), in bytes: larger ones get 413 before they are read.
+    max_body: int = 1024 * 1024
 
     # Devices.
     grace: float = 10.0
@@ -66,7 +78,11 @@ class Config:
     session_secret_file: str = ""     # empty: a secret kept in the database, shared by every node
     session_lifetime: float = 86400.0
     identity_key_file: str = ""       # empty: a key made once and kept in the database
+    secrets_key_file: str = ""        # empty: <the SQLite file>.key, or presence-secrets.key (PostgreSQL)
     login_link_lifetime: float = 900.0
+    login_links_per_client: int = 10     # one-time links one client address may ask for per link lifetime
+    login_links_total: int = 300         # one-time links this node sends per link lifetime, all clients
+    client_address_header: str = ""      # e.g. X-Forwarded-For behind a balancer (its last value is used)
     smtp_host: str = ""               # empty: one-time links are written to the node's log
     smtp_port: int = 25
     smtp_from: str = ""

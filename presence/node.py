@@ -23,7 +23,6 @@ from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
-from twisted.web.server import Site
 
 from presence import errors, systemd
 from presence.apps import Applications
@@ -37,6 +36,7 @@ from presence.store import StoreUnavailable, open_store
 from presence.streams import Streams
 from presence.ws.app import AppSession
 from presence.ws.device import DeviceSession
+from presence.web.bodies import limited_site
 from presence.ws.server import PresenceServerFactory, not_found
 
 log = Logger()
@@ -46,13 +46,12 @@ _APP_PATH = re.compile(r"^/([A-Za-z0-9_-]{1,64})$")
 
 def make_verifier(config: Config, clock: Any, http_client: Any = None, issuer: Any = None) -> Any:
     """The assertion verifier of devices and pages; ``issuer`` (Presence's own identity provider) is
-    known without a fetch and trusted for any address, since it proved each one with a one-time link."""
-    import treq
-
+    known without a fetch and trusted for any address, since it proved each one with a one-time link.
+    Support documents are fetched with presence.fetch (unless ``http_client`` is given)."""
     from presence.identity import Verifier
 
     local = {issuer.domain: issuer.public_key} if issuer is not None else None
-    verifier = Verifier.from_config(config, http_client or treq, clock, local_issuers=local)
+    verifier = Verifier.from_config(config, http_client, clock, local_issuers=local)
     if issuer is not None:
         verifier.trusted_issuers = verifier.trusted_issuers | {issuer.domain}
     return verifier
@@ -172,7 +171,7 @@ class Node(Service):
 
         if self.config.metrics:
             self.metrics_port = await endpoints.serverFromString(self.reactor, self.config.metrics).listen(
-                Site(Front(self, registry=self.metrics.registry)))
+                limited_site(Front(self, registry=self.metrics.registry), self.config.max_body))
         delay = 1.0
         while True:
             try:
@@ -200,7 +199,7 @@ class Node(Service):
             self.verifier = make_verifier(self.config, self.reactor, issuer=self.web.issuer)
         await self.web.start()
         self.web_port = await endpoints.serverFromString(self.reactor, self.config.web).listen(
-            Site(Front(self, pages=self.web.resource())))
+            limited_site(Front(self, pages=self.web.resource()), self.config.max_body))
         self.ws_port = await endpoints.serverFromString(self.reactor, self.config.ws).listen(self.ws_factory)
         self.ready = True
         self._settle_memory()

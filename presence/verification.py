@@ -1,10 +1,10 @@
 """Domain ownership: fetch ``http://<domain>/__presence`` and compare it with the verification key.
 
-The fetch goes to a host a developer names, on the node's network, so it is bounded: one deadline
-for the whole exchange, a small body limit, redirects only on the same host, and (through
-``safe_client``) no connection to a private, loopback or link-local address unless the operator
-allows it. The address is resolved and checked first and the connection goes to that checked
-address, so a second DNS answer cannot point it elsewhere.
+The fetch goes to a host a developer names, on the node's network, so it goes through
+presence.fetch (checked addresses, bounded head, body and time, see there), with one deadline for
+the whole check, a body of at most 4096 bytes, and redirects followed only on the same host (each
+hop fetched, and its addresses checked, anew). Whatever fails, the page says only that the key
+was not served as it must be; why (refused, no DNS, timeout, TLS, the status...) goes to the log.
 
 A failed Verify keeps checking in the background (``VerificationPoller``), with backoff, for a
 configurable time, so the application becomes verified without another click.
@@ -13,25 +13,17 @@ configurable time, so the application becomes verified without another click.
 from __future__ import annotations
 
 import hmac
-import ipaddress
-import socket
 from typing import Any, Awaitable, Callable
 from urllib.parse import urljoin, urlsplit
 
-from twisted.internet import defer, error
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Protocol
-from twisted.internet.ssl import optionsForClientTLS
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
-from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory
-from zope.interface import implementer
 
+from presence import fetch
+from presence.fetch import Fetcher, FetchFailed, Resolve, address_refusal  # noqa: F401 (address_refusal: API)
 from presence.store.base import PENDING, Verification
 
 log = Logger()
@@ -40,249 +32,105 @@ MAX_BODY = 4096  # the key is 1024 characters; a little room for whitespace, no 
 MAX_REDIRECTS = 3
 _REDIRECTS = (301, 302, 303, 307, 308)
 
-# Why a check failed, for tests and for the page (the message is what people read).
+# Why a check failed: for the log and the tests (the page shows one message for all of them).
 REFUSED, TIMEOUT, DNS, PRIVATE, HTTP, CONTENT_TYPE, CONTENT, TOO_BIG, REDIRECT, FAILED = (
     "refused", "timeout", "dns", "private", "http", "content-type", "content", "too-big", "redirect", "failed")
 
 
 class VerificationFailed(Exception):
-    """Why the domain did not prove ownership, in words a developer can act on; ``reason`` is one of
-    the constants above."""
+    """The domain did not prove ownership. ``message`` is what the page shows (the same for every
+    failure of a fetch); ``reason`` (one of the constants above) and ``detail`` are for the log."""
 
-    def __init__(self, message: str, reason: str = FAILED):
+    def __init__(self, message: str, reason: str = FAILED, detail: str = ""):
         super().__init__(message)
         self.message = message
         self.reason = reason
-
-
-class AddressRefused(error.ConnectError):
-    """The host resolves only to addresses verification may not fetch."""
-
-
-# -- the checked connection --------------------------------------------------------------------------
-
-def address_refusal(address: str) -> str | None:
-    """Why verification may not connect to ``address`` (None: it may): not a public address."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if ip.is_loopback:
-        return "a loopback address"
-    if ip.is_link_local:
-        return "a link-local address"
-    if ip.is_unspecified or ip.is_multicast or ip.is_reserved:
-        return "not a unicast address"
-    if ip.is_private or not ip.is_global:
-        return "a private address"
-    return None
-
-
-Resolve = Callable[[str, int], Awaitable[list[str]]]
-
-
-def system_resolver(reactor: Any) -> Resolve:
-    """getaddrinfo in the reactor's thread pool."""
-
-    async def resolve(host: str, port: int) -> list[str]:
-        try:
-            infos = await deferToThreadPool(reactor, reactor.getThreadPool(), socket.getaddrinfo, host, port, 0,
-                                            socket.SOCK_STREAM)
-        except socket.gaierror as e:
-            raise error.DNSLookupError(f"{host}: {e.strerror}") from None
-        return list(dict.fromkeys(info[4][0] for info in infos))
-
-    return resolve
-
-
-@implementer(IStreamClientEndpoint)
-class _CheckedEndpoint:
-    def __init__(self, factory: SafeEndpoints, scheme: bytes, host: str, port: int):
-        self.factory, self.scheme, self.host, self.port = factory, scheme, host, port
-
-    def connect(self, protocol_factory: Any) -> Deferred:
-        return ensureDeferred(self._connect(protocol_factory))
-
-    async def _connect(self, protocol_factory: Any) -> Any:
-        f = self.factory
-        try:
-            addresses = [str(ipaddress.ip_address(self.host.strip("[]")))]
-        except ValueError:
-            addresses = await f.resolve(self.host, self.port)
-        if not addresses:
-            raise error.DNSLookupError(self.host)
-        allowed = addresses if f.allow_private else [a for a in addresses if address_refusal(a) is None]
-        if not allowed:
-            named = f"{self.host} is" if self.host.strip("[]") == addresses[0] else f"{self.host} is {addresses[0]},"
-            raise AddressRefused(f"{named} {address_refusal(addresses[0])}")
-        address = allowed[0]
-        kind = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
-        endpoint: Any = kind(f.reactor, address, self.port, timeout=f.connect_timeout)
-        if self.scheme == b"https":
-            endpoint = wrapClientTLS(optionsForClientTLS(self.host), endpoint)
-        return await endpoint.connect(protocol_factory)
-
-
-@implementer(IAgentEndpointFactory)
-class SafeEndpoints:
-    """Endpoints that resolve the host, refuse non-public addresses (unless ``allow_private``) and
-    connect to the address they checked."""
-
-    def __init__(self, reactor: Any, allow_private: bool = False, resolve: Resolve | None = None,
-                 connect_timeout: float = 10.0):
-        self.reactor = reactor
-        self.allow_private = allow_private
-        self.resolve = resolve or system_resolver(reactor)
-        self.connect_timeout = connect_timeout
-
-    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
-        if uri.scheme not in (b"http", b"https"):
-            raise error.SchemeNotSupported(uri.scheme)
-        return _CheckedEndpoint(self, uri.scheme, uri.host.decode("ascii"), uri.port)
-
-
-def safe_client(reactor: Any, allow_private: bool = False, resolve: Resolve | None = None,
-                connect_timeout: float = 10.0) -> Any:
-    """A treq HTTPClient for verification fetches (no connection reuse, checked addresses)."""
-    from treq.client import HTTPClient
-
-    agent = Agent.usingEndpointFactory(
-        reactor, SafeEndpoints(reactor, allow_private, resolve, connect_timeout),
-        pool=HTTPConnectionPool(reactor, persistent=False))
-    return HTTPClient(agent)
+        self.detail = detail or message
 
 
 # -- the check -------------------------------------------------------------------------------------
 
+def safe_client(reactor: Any, allow_private: bool = False, resolve: Resolve | None = None,
+                connect_timeout: float = 10.0, **limits: Any) -> Fetcher:
+    """The fetcher verification uses (presence.fetch: checked addresses, bounded head, body and time)."""
+    return Fetcher(reactor, allow_private=allow_private, resolve=resolve, timeout=connect_timeout, **limits)
+
+
+def _public_message(url: str, timeout: float) -> str:
+    return (f"{url} did not serve this application's verification key: it must answer HTTP 200 with exactly"
+            f" the key as text/plain (at most {MAX_BODY} bytes) within {timeout:g} seconds, from a public"
+            f" address, redirecting (if at all) only on the same host. The node's log says what went wrong.")
+
+
 async def check_domain(http: Any, clock: IReactorTime, domain: str, key: str, timeout: float = 10.0,
                        scheme: str = "http") -> None:
     """Raise VerificationFailed unless the domain serves exactly ``key`` as text/plain within
-    ``timeout`` seconds (the whole exchange, redirects and body included)."""
+    ``timeout`` seconds (the whole exchange, redirects and body included).
+
+    ``http`` is a presence.fetch.Fetcher (or a TreqFetcher in tests). What the page shows is the
+    same whatever failed (so Verify cannot be used to probe what the node can reach); ``reason`` and
+    ``detail`` say what it was, and go to the log."""
     url = f"{scheme}://{domain}/__presence"
-    d = ensureDeferred(_check(http, domain, key, url))
-    d.addTimeout(timeout, clock)
+    d = ensureDeferred(_check(http, domain, key, url, timeout))
+    # Whatever the cancelled fetch fails with, the deadline is reported as a timeout.
+    d.addTimeout(timeout, clock, onTimeoutCancel=lambda _, t: Failure(defer.TimeoutError(t)))
     try:
         await d
     except defer.TimeoutError:
-        raise VerificationFailed(f"{url} did not answer within {timeout:g} seconds (timed out)", TIMEOUT) from None
+        failure = VerificationFailed(_public_message(url, timeout), TIMEOUT,
+                                     f"no complete answer within {timeout:g} seconds (timed out)")
+        _log(domain, failure)
+        raise failure from None
+    except VerificationFailed as e:
+        e.message = _public_message(url, timeout)
+        e.args = (e.message,)
+        _log(domain, e)
+        raise
 
 
-async def _check(http: Any, domain: str, key: str, url: str) -> None:
+def _log(domain: str, failure: VerificationFailed) -> None:
+    log.info("verification of {domain} failed ({reason}): {detail}", domain=domain, reason=failure.reason,
+             detail=failure.detail, event="verify.failed")
+
+
+_REASONS = {fetch.PRIVATE: PRIVATE, fetch.DNS: DNS, fetch.REFUSED: REFUSED, fetch.TIMED_OUT: TIMEOUT,
+            fetch.BODY_TOO_BIG: TOO_BIG}
+
+
+async def _get(http: Any, url: str, timeout: float) -> Any:
+    try:
+        return await http.fetch(url, max_body=MAX_BODY, accept="text/plain", timeout=timeout)
+    except FetchFailed as e:
+        raise VerificationFailed("", _REASONS.get(e.reason, FAILED), f"could not fetch {url}: {e.detail}") from None
+
+
+async def _check(http: Any, domain: str, key: str, url: str, timeout: float) -> None:
     host = urlsplit(url).hostname
     first = url
     for _ in range(MAX_REDIRECTS + 1):
-        response = await _get(http, url)
+        response = await _get(http, url, timeout)
         if response.code not in _REDIRECTS:
             break
-        location = (response.headers.getRawHeaders(b"location") or [b""])[0].decode("latin-1")
-        _discard(response)
-        target = urljoin(url, location)
+        target = urljoin(url, response.header("location"))
         parts = urlsplit(target)
         if parts.scheme not in ("http", "https") or parts.hostname != host:
-            raise VerificationFailed(
-                f"{url} redirects to {target or 'nowhere'}; serve the key at {first} itself"
-                f" (a redirect may only stay on {host})", REDIRECT)
+            raise VerificationFailed("", REDIRECT, f"{url} redirects to {target[:300] or 'nowhere'}; serve the key"
+                                                   f" at {first} itself (a redirect may only stay on {host})")
         url = target
     else:
-        raise VerificationFailed(f"{first} redirects more than {MAX_REDIRECTS} times", REDIRECT)
+        raise VerificationFailed("", REDIRECT, f"{first} redirects more than {MAX_REDIRECTS} times")
     if response.code == 404:
-        _discard(response)
-        raise VerificationFailed(f"{url} answered HTTP 404 (not found): put the key there", HTTP)
+        raise VerificationFailed("", HTTP, f"{url} answered HTTP 404 (not found): put the key there")
     if response.code != 200:
-        _discard(response)
-        raise VerificationFailed(f"{url} answered HTTP {response.code}; it must answer 200 with the key", HTTP)
-    ctype = (response.headers.getRawHeaders(b"content-type") or [b""])[0].decode("latin-1")
+        raise VerificationFailed("", HTTP, f"{url} answered HTTP {response.code}; it must answer 200 with the key")
+    ctype = response.header("content-type")
     if ctype.split(";")[0].strip().lower() != "text/plain":
-        _discard(response)
-        raise VerificationFailed(
-            f"{url} has content type {ctype or 'none'!r}; serve it as text/plain", CONTENT_TYPE)
-    if response.length is not UNKNOWN_LENGTH and response.length > MAX_BODY:
-        _discard(response)
-        raise VerificationFailed(f"{url} is larger than {MAX_BODY} bytes; it must hold only the key", TOO_BIG)
-    body = _LimitedBody(MAX_BODY)
-    response.deliverBody(body)
-    data = await body.finished
-    if data is None:
-        raise VerificationFailed(f"{url} is larger than {MAX_BODY} bytes; it must hold only the key", TOO_BIG)
-    found = data.strip()
+        raise VerificationFailed("", CONTENT_TYPE,
+                                 f"{url} has content type {ctype[:100] or 'none'!r}; serve it as text/plain")
+    found = response.body.strip()
     if not hmac.compare_digest(found, key.encode("ascii")):
         hint = f" (it holds {len(found)} characters, the key has {len(key)})" if len(found) != len(key) else ""
-        raise VerificationFailed(f"{url} does not hold this application's verification key{hint}", CONTENT)
-
-
-async def _get(http: Any, url: str) -> Any:
-    try:
-        return await http.get(url, allow_redirects=False, unbuffered=True)
-    except defer.CancelledError:
-        raise  # the deadline: check_domain reports it
-    except Exception as e:
-        raise _connection_failed(url, e) from None
-
-
-def _connection_failed(url: str, e: BaseException) -> VerificationFailed:
-    reasons = [r.value for r in getattr(e, "reasons", []) if isinstance(r, Failure)] or [e]
-    for cause in reasons:
-        if isinstance(cause, defer.CancelledError):
-            raise cause
-        if isinstance(cause, AddressRefused):
-            return VerificationFailed(
-                f"{url} cannot be checked: {cause.osError or cause}; verification fetches only public addresses",
-                PRIVATE)
-        if isinstance(cause, error.DNSLookupError):
-            return VerificationFailed(f"could not fetch {url}: the domain does not resolve", DNS)
-        if isinstance(cause, error.ConnectionRefusedError):
-            return VerificationFailed(f"could not fetch {url}: the connection was refused", REFUSED)
-        if isinstance(cause, error.TimeoutError):
-            return VerificationFailed(f"could not fetch {url}: the connection timed out", TIMEOUT)
-    cause = reasons[0]
-    return VerificationFailed(f"could not fetch {url}: {cause.__class__.__name__}: {cause}", FAILED)
-
-
-class _LimitedBody(Protocol):
-    """Collects a body; ``finished`` gives None (and the connection is dropped) past ``limit`` bytes.
-    Cancelling ``finished`` (the deadline) drops the connection too."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.chunks: list[bytes] = []
-        self.size = 0
-        self.finished: Deferred = Deferred(lambda _: self._drop())
-        self.done = False
-
-    def _drop(self) -> None:
-        self.done = True
-        if self.transport is not None:
-            self.transport.stopProducing()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.done:
-            return
-        self.size += len(data)
-        if self.size > self.limit:
-            self._drop()
-            self.finished.callback(None)
-            return
-        self.chunks.append(data)
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if self.done:
-            return
-        self.done = True
-        if reason is None or reason.check(ResponseDone, PotentialDataLoss):
-            self.finished.callback(b"".join(self.chunks))
-        else:
-            self.finished.errback(reason)
-
-
-class _Discard(Protocol):
-    def connectionMade(self) -> None:
-        self.transport.stopProducing()
-
-
-def _discard(response: Any) -> None:
-    try:
-        response.deliverBody(_Discard())
-    except Exception:
-        pass
+        raise VerificationFailed("", CONTENT, f"{url} does not hold this application's verification key{hint}")
 
 
 # -- polling in the background -----------------------------------------------------------------------

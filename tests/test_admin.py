@@ -102,8 +102,8 @@ async def test_verify_refuses_a_loopback_domain_without_allow_private(sqlite_url
     with pytest.raises(AdminError) as e:
         await admin(sqlite_url, "apps", "verify", "1", allow_private=False)
     message = str(e.value)
-    assert message.startswith(f"not verified: http://{host}/__presence cannot be checked")
-    assert "127.0.0.1 is a loopback address; verification fetches only public addresses" in message
+    assert message.startswith(f"not verified: could not fetch http://{host}/__presence")
+    assert "127.0.0.1 is a loopback address; only public addresses are fetched" in message
     assert message.endswith("(for a local setup, add --allow-private)")
     assert (await admin(sqlite_url, "apps", "show", "1", allow_private=False)).split("\t")[2] == "pending"
     assert "verified: app id" in await admin(sqlite_url, "apps", "verify", "1")  # the same, allowed

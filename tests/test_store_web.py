@@ -124,3 +124,12 @@ def test_v4_is_v3_plus_the_upgrade(dialect):
         return "\n".join(line for line in text.splitlines()[2:] if line.strip())
 
     assert body(v4) == body(v3) + "\n" + "\n".join(line for line in upgrade.splitlines() if line.strip())
+
+
+@pytest_twisted.ensureDeferred
+async def test_replace_web_secret_is_a_compare_and_swap(store):
+    await store.web_secret("session", "clear", 1.0)
+    assert await store.replace_web_secret("session", "stale", "x") is False
+    assert await store.replace_web_secret("session", "clear", "sealed") is True
+    assert await store.web_secret("session", "other", 2.0) == "sealed"
+    assert await store.replace_web_secret("missing", "a", "b") is False

@@ -90,3 +90,63 @@ async def test_the_identity_key_from_a_file_made_if_missing(tmp_path, sqlite_sto
     path.write_bytes(weak)
     with pytest.raises(ValueError, match="RSA key of at least 2048 bits"):
         await load_issuer(config, sqlite_store, reactor, 3.0)
+
+
+# -- secrets at rest ---------------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_the_database_keeps_the_secrets_encrypted_with_a_key_it_does_not_hold(sqlite_store):
+    from presence.secrets_at_rest import PREFIX
+
+    config = Config(public_url="https://presence.example.org")
+    secret = await load_secret(config, sqlite_store, 1.0)
+    issuer = await load_issuer(config, sqlite_store, reactor, 1.0)
+    rows = dict(await sqlite_store._query("SELECT name, value FROM web_secrets"))
+    assert set(rows) == {"session_secret", "identity_key"}
+    assert all(value.startswith(PREFIX) for value in rows.values())
+    assert secret.decode() not in rows["session_secret"] and "PRIVATE KEY" not in rows["identity_key"]
+    key_file = sqlite_store.path + ".key"   # beside the node's state, not in it
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    again = await load_issuer(config, sqlite_store, reactor, 2.0)
+    assert again.public_key.public_numbers() == issuer.public_key.public_numbers()
+    assert await load_secret(config, sqlite_store, 2.0) == secret
+
+
+@pytest_twisted.ensureDeferred
+async def test_secrets_stored_in_clear_by_an_earlier_version_are_encrypted_once(sqlite_store, tmp_path):
+    from presence.secrets_at_rest import PREFIX
+
+    await sqlite_store.web_secret("session_secret", "c" * 64, 0.0)   # what b52f725 stored
+    config = Config(secrets_key_file=str(tmp_path / "k"))
+    assert await load_secret(config, sqlite_store, 1.0) == b"c" * 64   # the same secret: sessions survive
+    [(value,)] = await sqlite_store._query("SELECT value FROM web_secrets WHERE name = 'session_secret'")
+    assert value.startswith(PREFIX) and "c" * 64 not in value
+    assert await load_secret(config, sqlite_store, 2.0) == b"c" * 64
+
+
+@pytest_twisted.ensureDeferred
+async def test_another_key_stops_the_node_with_a_clear_message(sqlite_store, tmp_path):
+    from presence.secrets_at_rest import SecretsKeyError
+
+    await load_secret(Config(secrets_key_file=str(tmp_path / "first")), sqlite_store, 1.0)
+    with pytest.raises(SecretsKeyError, match="encrypted with another key .* same --secrets-key-file"):
+        await load_secret(Config(secrets_key_file=str(tmp_path / "second")), sqlite_store, 2.0)
+    (tmp_path / "bad").write_text("not a key\n")
+    with pytest.raises(SecretsKeyError, match="not a secrets key"):
+        await load_secret(Config(secrets_key_file=str(tmp_path / "bad")), sqlite_store, 3.0)
+
+
+def test_the_hostile_input_options_have_help_defaults_and_are_in_the_operator_guide():
+    helped = dict(SETTINGS)
+    guide = (Path(__file__).parent.parent / "docs" / "operations.md").read_text()
+    security = (Path(__file__).parent.parent / "docs" / "security-fetch.md").read_text()
+    for name in ("support_timeout", "max_assertion_lifetime", "max_certificate_lifetime", "clock_skew",
+                 "fetch_max_head", "fetch_max_header_lines", "max_body", "secrets_key_file",
+                 "login_links_per_client", "login_links_total", "client_address_header"):
+        option = f"`--{name.replace('_', '-')}`"
+        assert helped[name] and option in guide, name
+        assert option in security or name in ("support_timeout", "secrets_key_file") or name.startswith("client"), name
+    config = Config()
+    assert (config.max_body, config.fetch_max_head, config.fetch_max_header_lines) == (1024 * 1024, 16384, 100)
+    assert (config.max_assertion_lifetime, config.max_certificate_lifetime, config.clock_skew) == (600, 86400, 120)
+    assert (config.login_links_per_client, config.login_links_total, config.client_address_header) == (10, 300, "")

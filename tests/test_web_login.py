@@ -155,6 +155,52 @@ async def test_links_per_address_are_limited(web):
 
 
 @pytest_twisted.ensureDeferred
+async def test_links_per_client_address_are_limited(sqlite_url):
+    web = await WebNode.start(sqlite_url, login_links_per_client=4)
+    try:
+        browser = web.browser()
+        await browser.get("/login")
+        for i in range(4):
+            assert (await browser.post_json("/login/start", {"email": f"u{i}@example.com"})).code == 200
+        page = await browser.post_json("/login/start", {"email": "u9@example.com"})
+        assert page.code == 429 and page.json()["error"] == (
+            "This address asked for 4 sign-in links in the last 15 minutes; use one of them, or wait a little.")
+        assert page.header("retry-after") == "225"   # one link's worth of the window: 900 s / 4
+        assert len(web.mailer.sent) == 4
+        web.clock.advance(225)
+        assert (await browser.post_json("/login/start", {"email": "u9@example.com"})).code == 200
+    finally:
+        await web.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_behind_a_balancer_the_client_is_the_last_forwarded_address(sqlite_url):
+    web = await WebNode.start(sqlite_url, login_links_per_client=2, login_links_total=5,
+                              client_address_header="X-Forwarded-For")
+    try:
+        browser = web.browser()
+        await browser.get("/login")
+
+        async def start(email: str, forwarded: str) -> int:
+            page = await browser.post_json("/login/start", {"email": email},
+                                           extra={"x-forwarded-for": [forwarded]})
+            return page.code
+
+        # what a client puts first is its own business: the balancer's (last) value counts
+        assert [await start(f"a{i}@example.com", f"6.6.6.{i}, 10.0.0.1") for i in range(3)] == [200, 200, 429]
+        assert await start("b@example.com", "10.0.0.2") == 200
+        assert await start("c@example.com", "10.0.0.3") == 200
+        # the overall limit (5 per window on this node) holds whatever the addresses
+        assert await start("d@example.com", "10.0.0.4") == 200
+        page = await browser.post_json("/login/start", {"email": "e@example.com"},
+                                       extra={"x-forwarded-for": ["10.0.0.5"]})
+        assert page.code == 429 and "Too many sign-in links" in page.json()["error"]
+        assert int(page.header("retry-after")) > 0
+    finally:
+        await web.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_mail_server_that_fails_is_said(web):
     web.mailer.fail = True
     browser = web.browser()

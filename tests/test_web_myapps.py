@@ -156,14 +156,16 @@ async def test_verify_right_away(web, site):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_failed_verify_says_why_and_polling_verifies_it_later(web, site):
+async def test_a_failed_verify_says_what_to_serve_and_polling_verifies_it_later(web, site):
     browser = await web.signed_in("dev@example.com")
     app_id = await register(browser, site.domain)
     page = await browser.post(f"/myapps/{app_id}/verify")
     assert page.location == f"/myapps?done=checking#app-{app_id}"
     page = await browser.get("/myapps?done=checking")
     assert "Not verified yet; see why below. Presence keeps checking in the background." in page.text
-    assert f"http://{site.domain}/__presence answered HTTP 404 (not found): put the key there" in page.text
+    # What must be served, the same whatever failed (why goes to the node's log: Verify is no probe).
+    assert f"http://{site.domain}/__presence did not serve this application" in page.text
+    assert "must answer HTTP 200 with exactly the key as text/plain" in page.text and "404" not in page.text
     assert "Checked 1 time, last at" in page.text and "Presence checks again by itself at" in page.text
     assert "becomes verified without another click" in page.text
 
@@ -171,7 +173,7 @@ async def test_a_failed_verify_says_why_and_polling_verifies_it_later(web, site)
     web.clock.advance(10)
     await web.site.poller.wait()
     page = await browser.get("/myapps")
-    assert "has content type &#39;text/html&#39;; serve it as text/plain" in page.text
+    assert "must answer HTTP 200 with exactly the key as text/plain" in page.text and "text/html" not in page.text
     assert "Checked 2 times" in page.text
 
     app = await web.store.get_app_by_id(app_id)

@@ -20,10 +20,8 @@ from presence import verification as v
 from presence.apps import Applications
 from presence.keys import new_key
 from presence.store.base import PENDING, VERIFIED
-from presence.verification import (
-    AddressRefused, SafeEndpoints, VerificationFailed, VerificationPoller, address_refusal, check_domain,
-    safe_client,
-)
+from presence.fetch import Fetcher, FetchFailed, TreqFetcher
+from presence.verification import VerificationFailed, VerificationPoller, address_refusal, check_domain, safe_client
 from tests.webnode import KeyServer, free_port
 
 KEY = new_key()
@@ -51,11 +49,12 @@ class Domain(Resource):
 
 
 TEXT = {b"content-type": b"text/plain; charset=utf-8"}
+GENERIC = v._public_message("http://example.com/__presence", 10)
 
 
 async def check(routes, key=KEY, clock=None) -> VerificationFailed | None:
     try:
-        await check_domain(StubTreq(Domain(routes)), clock or Clock(), "example.com", key, timeout=10)
+        await check_domain(TreqFetcher(StubTreq(Domain(routes))), clock or Clock(), "example.com", key, timeout=10)
     except VerificationFailed as e:
         return e
     return None
@@ -82,11 +81,12 @@ async def test_the_key_as_text_plain_verifies_whitespace_around_it_too():
     ({b"/__presence": (302, {b"location": b"/__presence"}, b"")}, v.REDIRECT, "redirects more than 3 times"),
 ])
 @pytest_twisted.ensureDeferred
-async def test_each_failure_says_why(routes, reason, words):
+async def test_each_failure_says_why_in_the_log_and_the_same_on_the_page(routes, reason, words):
     failure = await check(routes)
     assert failure is not None and failure.reason == reason
-    assert words in failure.message
-    assert KEY not in failure.message  # nothing of the key in what is shown or logged
+    assert words in failure.detail  # for the log
+    assert failure.message == GENERIC  # the page: the same whatever failed (no probing through Verify)
+    assert KEY not in failure.message and KEY not in failure.detail  # nothing of the key shown or logged
 
 
 @pytest_twisted.ensureDeferred
@@ -100,7 +100,7 @@ async def test_a_redirect_on_the_same_host_is_followed():
 @pytest_twisted.ensureDeferred
 async def test_a_site_that_never_answers_times_out_on_the_clock():
     clock = Clock()
-    site = StubTreq(Domain({b"/__presence": (200, TEXT, None)}))
+    site = TreqFetcher(StubTreq(Domain({b"/__presence": (200, TEXT, None)})))
     from twisted.internet.defer import ensureDeferred
 
     result = ensureDeferred(check_domain(site, clock, "example.com", KEY, timeout=10))
@@ -109,7 +109,7 @@ async def test_a_site_that_never_answers_times_out_on_the_clock():
     clock.advance(0.2)
     failure = (await result.addErrback(lambda f: f.value)) if result.called else None
     assert isinstance(failure, VerificationFailed) and failure.reason == v.TIMEOUT
-    assert "did not answer within 10 seconds (timed out)" in failure.message
+    assert "within 10 seconds (timed out)" in failure.detail and failure.message == GENERIC
 
 
 # -- the safe client over real loopback sockets -------------------------------------------------------
@@ -122,7 +122,8 @@ async def test_loopback_is_refused_unless_allowed():
         for domain in (server.domain, f"localhost:{server.port.getHost().port}"):
             with pytest.raises(VerificationFailed) as e:
                 await check_domain(safe_client(reactor), reactor, domain, KEY, timeout=5)
-            assert e.value.reason == v.PRIVATE and "a loopback address" in e.value.message
+            assert e.value.reason == v.PRIVATE and "a loopback address" in e.value.detail
+            assert e.value.message == v._public_message(f"http://{domain}/__presence", 5)
         assert server.resource.fetches == 0  # refused before connecting
         await check_domain(safe_client(reactor, allow_private=True), reactor, server.domain, KEY, timeout=5)
         assert server.resource.fetches == 1
@@ -133,8 +134,9 @@ async def test_loopback_is_refused_unless_allowed():
 @pytest_twisted.ensureDeferred
 async def test_a_closed_port_is_refused():
     with pytest.raises(VerificationFailed) as e:
-        await check_domain(safe_client(reactor, allow_private=True), reactor, f"127.0.0.1:{free_port()}", KEY)
-    assert e.value.reason == v.REFUSED and "the connection was refused" in e.value.message
+        await check_domain(safe_client(reactor, allow_private=True), reactor, f"127.0.0.1:{(port := free_port())}", KEY)
+    assert e.value.reason == v.REFUSED and "connection refused" in e.value.detail
+    assert e.value.message == v._public_message(f"http://127.0.0.1:{port}/__presence", 10)
 
 
 @pytest_twisted.ensureDeferred
@@ -144,7 +146,8 @@ async def test_a_name_that_does_not_resolve():
 
     with pytest.raises(VerificationFailed) as e:
         await check_domain(safe_client(reactor, resolve=nowhere), reactor, "nowhere.example", KEY)
-    assert e.value.reason == v.DNS and "does not resolve" in e.value.message
+    assert e.value.reason == v.DNS and "does not resolve" in e.value.detail
+    assert e.value.message == v._public_message("http://nowhere.example/__presence", 10)
 
 
 class _Endless(Protocol):
@@ -198,19 +201,20 @@ async def test_the_connection_goes_to_the_address_that_was_checked():
     async def resolve(host, port):
         return answers[host]
 
-    endpoints = SafeEndpoints(memory, resolve=resolve, connect_timeout=3)
+    fetcher = Fetcher(memory, resolve=resolve, timeout=3, clock=Clock())
+    fetcher.fetch("http://mixed.example:8080/__presence", max_body=10).close()  # only the connect matters
+    pending = fetcher.fetch("http://mixed.example:8080/__presence", max_body=10)
+    from twisted.internet.defer import ensureDeferred
 
-    class URI:
-        scheme, port = b"http", 8080
-
-        def __init__(self, host):
-            self.host = host
-
-    endpoints.endpointForURI(URI(b"mixed.example")).connect(Factory.forProtocol(Protocol))
+    d = ensureDeferred(pending)
     host, port, _, timeout, _ = memory.tcpClients[-1]
     assert (host, port, timeout) == ("93.184.216.34", 8080, 3)  # the public one, never the private one
-    with pytest.raises(AddressRefused, match="private.example is 10.0.0.1, a private address"):
-        await endpoints.endpointForURI(URI(b"private.example")).connect(Factory.forProtocol(Protocol))
+    d.cancel()
+    d.addErrback(lambda f: None)
+    with pytest.raises(FetchFailed) as e:
+        await fetcher.fetch("http://private.example/__presence", max_body=10)
+    assert e.value.reason == "private" and "private.example is 10.0.0.1, a private address" in e.value.detail
+    assert str(e.value) == "the fetch failed"
     assert len(memory.tcpClients) == 1
 
 

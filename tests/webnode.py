@@ -5,8 +5,10 @@ mailer that records links, and a cookie-keeping HTTP client that signs in like a
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
+import tempfile
 import time
 from http.cookiejar import CookieJar
 from typing import Any
@@ -101,8 +103,9 @@ class Browser:
             fields.setdefault("csrf", self.csrf)
         return await self._page(await self.http.post(self.url(path), data=fields, allow_redirects=False))
 
-    async def post_json(self, path: str, body: dict[str, Any], csrf: bool = True) -> Page:
-        headers = {"content-type": ["application/json"]}
+    async def post_json(self, path: str, body: dict[str, Any], csrf: bool = True,
+                        extra: dict[str, list[str]] | None = None) -> Page:
+        headers = {"content-type": ["application/json"], **(extra or {})}
         if csrf:
             headers["x-csrf-token"] = [self.csrf]
         response = await self.http.post(self.url(path), data=json.dumps(body).encode(), headers=headers,
@@ -133,6 +136,10 @@ class Browser:
         return page
 
 
+# One secrets key for every node of a test run (never the working directory's presence-secrets.key).
+TEST_SECRETS_KEY = os.path.join(tempfile.mkdtemp(prefix="presence-test-"), "secrets.key")
+
+
 class WebNode:
     """A node's pages on 127.0.0.1 (the node is built, not started: no websockets, no cluster)."""
 
@@ -151,7 +158,7 @@ class WebNode:
         values = dict(web=f"tcp:{port}:interface=127.0.0.1", ws="tcp:0:interface=127.0.0.1",
                       public_url=f"http://127.0.0.1:{port}", public_ws_url="ws://127.0.0.1:9",
                       database=database, node="web-test", insecure_identity=True, verify_allow_private=True,
-                      verify_timeout=5.0)
+                      verify_timeout=5.0, secrets_key_file=TEST_SECRETS_KEY)
         values.update(overrides)
         config = Config(**values)
         store = open_store(database)

@@ -2,8 +2,11 @@
 
 Every assertion from a remote issuer needs its public key; fetching it each time would let any
 client make us hammer (or hang on) an arbitrary host, so documents are cached (failures too,
-briefly), concurrent lookups of one domain share a single request, and each fetch is bounded in
-time and size.
+briefly), concurrent lookups of one domain share a single request, and each fetch goes through
+presence.fetch: checked addresses (the resolved ones: a name that resolves to a private address is
+refused like the address itself), bounded head, body and time, no redirects. A client is told only
+that the document could not be fetched, or was not a usable document; why (refused, no DNS,
+timed out, TLS, the HTTP status) goes to the log.
 """
 
 from __future__ import annotations
@@ -16,16 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
-from twisted.internet.defer import Deferred, TimeoutError, fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
-from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import UNKNOWN_LENGTH
 
 from presence import errors
+from presence.fetch import BODY_TOO_BIG, Fetcher, FetchFailed
 from presence.identity.jws import IdentityError, public_key_from_json
 
 WELL_KNOWN = "/.well-known/browserid"
@@ -126,52 +126,6 @@ class Authority:
     chain: tuple[str, ...]
 
 
-class _TooBig(Exception):
-    pass
-
-
-class _Discard(Protocol):
-    """Takes a response body we do not want and drops the connection instead of reading it."""
-
-    def connectionMade(self) -> None:
-        self.transport.stopProducing()
-
-
-class _LimitedBody(Protocol):
-    """Collects a response body, giving up (and dropping the connection) past `limit` bytes."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.chunks: list[bytes] = []
-        self.size = 0
-        self.finished: Deferred[bytes] | None = Deferred(lambda _: self._abort())
-
-    def _abort(self) -> None:
-        self.finished = None
-        if self.transport is not None:
-            self.transport.stopProducing()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.finished is None:
-            return
-        self.size += len(data)
-        if self.size > self.limit:
-            d = self.finished
-            self._abort()
-            d.errback(_TooBig())
-            return
-        self.chunks.append(data)
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        d, self.finished = self.finished, None
-        if d is None:
-            return
-        if reason is None or reason.check(ResponseDone, PotentialDataLoss):
-            d.callback(b"".join(self.chunks))
-        else:
-            d.errback(reason)
-
-
 @dataclass
 class _Entry:
     expires: float
@@ -180,9 +134,10 @@ class _Entry:
 
 
 class SupportDocuments:
-    """Fetches support documents with a treq-like client, caching them by domain.
+    """Fetches support documents, caching them by domain.
 
-    `http_client` needs treq's `get` (the `treq` module, an `HTTPClient`, a `StubTreq`);
+    `http_client` is a presence.fetch.Fetcher (made with the reactor when not given; private
+    addresses allowed only with `insecure`), or a TreqFetcher in the in-memory tests;
     `clock` gives time for the cache and the fetch timeout.
     """
 
@@ -198,10 +153,14 @@ class SupportDocuments:
         max_size: int = MAX_BODY,
         max_entries: int = MAX_ENTRIES,
     ):
-        if http_client is None:
-            import treq as http_client
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
+        if http_client is None:
+            from twisted.internet import reactor
+
+            http_client = Fetcher(reactor, allow_private=insecure, timeout=timeout)
+        if not hasattr(http_client, "fetch"):
+            raise TypeError("SupportDocuments needs a presence.fetch.Fetcher (or a TreqFetcher in tests)")
         self._http = http_client
         self._clock = clock
         self.ttl = ttl
@@ -256,26 +215,27 @@ class SupportDocuments:
         url = self.url(domain)
         d = Deferred.fromCoroutine(self._fetch(domain, url))
         # Whatever the cancelled request fails with, a timeout is reported as one.
-        d.addTimeout(self.timeout, self._clock, onTimeoutCancel=lambda _, t: Failure(TimeoutError(t)))
+        d.addTimeout(self.timeout, self._clock,
+                     onTimeoutCancel=lambda _, t: Failure(FetchFailed("timeout", f"no answer within {t:g}s")))
         d.addErrback(self._explain, domain, url)
         d.addBoth(self._finish, domain)
 
     def _explain(self, f: Failure, domain: str, url: str) -> Failure:
+        """What the client is told: never why the fetch failed (that is logged in _finish)."""
         if f.check(IdentityError):
             return f
-        if f.check(TimeoutError):
-            why = f"no answer within {self.timeout:g}s"
-        else:
-            why = f"{type(f.value).__name__}: {f.getErrorMessage()}"[:300]
-        return Failure(IdentityError(errors.ASSERTION_UNAVAILABLE, f"{domain}: could not fetch {url} ({why})"))
+        why = f.value.detail if isinstance(f.value, FetchFailed) else f"{type(f.value).__name__}: {f.getErrorMessage()}"
+        error = IdentityError(errors.ASSERTION_UNAVAILABLE, f"{domain}: could not fetch {url}")
+        error.detail = why[:500]  # type: ignore[attr-defined]
+        return Failure(error)
 
     def _finish(self, result: SupportDocument | Failure, domain: str) -> None:
         now = self._clock.seconds()
         self._make_room(now)
         if isinstance(result, Failure):
             error = result.value
-            log.info("support document of {domain} unavailable: {error}", domain=domain, error=error,
-                     event="identity.support_unavailable")
+            log.info("support document of {domain} unavailable: {error} ({detail})", domain=domain, error=error,
+                     detail=getattr(error, "detail", ""), event="identity.support_unavailable")
             self._cache[domain] = _Entry(now + self.failure_ttl, error=error)
         else:
             self._cache[domain] = _Entry(now + self.ttl, document=result)
@@ -295,27 +255,24 @@ class SupportDocuments:
             del self._cache[next(iter(self._cache))]
 
     async def _fetch(self, domain: str, url: str) -> SupportDocument:
-        response = await self._http.get(
-            url, headers={"Accept": ["application/json"]}, allow_redirects=False, unbuffered=True
-        )
+        unusable = f"{domain}: no BrowserID support document at {url}"
+        try:
+            response = await self._http.fetch(url, max_body=self.max_size, accept="application/json",
+                                              timeout=self.timeout)
+        except FetchFailed as e:
+            if e.reason == BODY_TOO_BIG:
+                raise NoSupport(f"{domain}: support document is larger than {self.max_size} bytes") from None
+            raise
         code = response.code
         if code != 200:
-            response.deliverBody(_Discard())
+            # The status is for the log: a client learns only that there is no usable document.
             if code >= 500 or code == 429:
-                raise IdentityError(errors.ASSERTION_UNAVAILABLE, f"{domain}: {url} answered HTTP {code}")
-            raise NoSupport(f"{domain}: no BrowserID support document at {url} (HTTP {code})")
-        if response.length is not UNKNOWN_LENGTH and response.length > self.max_size:
-            response.deliverBody(_Discard())
-            raise NoSupport(f"{domain}: support document is larger than {self.max_size} bytes")
-        body = _LimitedBody(self.max_size)
-        finished = body.finished
-        assert finished is not None
-        response.deliverBody(body)
-        try:
-            data = await finished
-        except _TooBig:
-            raise NoSupport(f"{domain}: support document is larger than {self.max_size} bytes") from None
-        return self._parse(domain, data)
+                error = IdentityError(errors.ASSERTION_UNAVAILABLE, f"{domain}: could not fetch {url}")
+            else:
+                error = NoSupport(unusable)
+            error.detail = f"HTTP {code}"  # type: ignore[attr-defined]
+            raise error
+        return self._parse(domain, response.body)
 
     def _parse(self, domain: str, data: bytes) -> SupportDocument:
         try:

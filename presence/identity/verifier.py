@@ -26,6 +26,12 @@ from presence.identity.jws import IdentityError
 from presence.identity.support import NoSupport, SupportDocuments, check_domain
 
 MAX_ASSERTION = 16 * 1024
+# Times. BrowserID assertions are short-lived (browsers made them valid for about two minutes) and
+# certificates last at most a day (Persona's cap on cert_duration): an expiry further away than these
+# (plus the skew) is refused, so a leaked assertion or certificate cannot be replayed for years.
+SKEW = 120.0                        # seconds of clock difference tolerated on every time check
+MAX_ASSERTION_LIFETIME = 600.0      # seconds from now an assertion may still be valid
+MAX_CERTIFICATE_LIFETIME = 86400.0  # seconds from now a certificate may still be valid
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _EMAIL = re.compile(
@@ -108,7 +114,9 @@ class Verifier:
         clock: IReactorTime | None = None,
         insecure: bool = False,
         local_issuers: Mapping[str, rsa.RSAPublicKey | dict[str, Any]] | None = None,
-        skew: float = 120.0,
+        skew: float = SKEW,
+        max_assertion_lifetime: float = MAX_ASSERTION_LIFETIME,
+        max_certificate_lifetime: float = MAX_CERTIFICATE_LIFETIME,
     ):
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
@@ -116,6 +124,8 @@ class Verifier:
         self.support = support
         self.insecure = insecure
         self.skew = skew
+        self.max_assertion_lifetime = max_assertion_lifetime
+        self.max_certificate_lifetime = max_certificate_lifetime
         self.audiences: dict[str, str] = {}
         for audience in audiences:
             origin = normalize_origin(audience)
@@ -144,9 +154,17 @@ class Verifier:
         clock: IReactorTime | None = None,
         local_issuers: Mapping[str, rsa.RSAPublicKey | dict[str, Any]] | None = None,
     ) -> Verifier:
-        """A verifier set up from presence.config.Config."""
+        """A verifier set up from presence.config.Config (fetching with presence.fetch unless
+        given ``http_client``)."""
+        if http_client is None:
+            from twisted.internet import reactor
+
+            from presence.fetch import Fetcher
+
+            http_client = Fetcher(reactor, allow_private=config.insecure_identity, timeout=config.support_timeout,
+                                  max_head=config.fetch_max_head, max_header_lines=config.fetch_max_header_lines)
         support = SupportDocuments(
-            http_client, clock, config.support_cache_ttl, config.insecure_identity
+            http_client, clock, config.support_cache_ttl, config.insecure_identity, config.support_timeout
         )
         return cls(
             config.accepted_audiences(),
@@ -155,6 +173,9 @@ class Verifier:
             clock,
             insecure=config.insecure_identity,
             local_issuers=local_issuers,
+            skew=config.clock_skew,
+            max_assertion_lifetime=config.max_assertion_lifetime,
+            max_certificate_lifetime=config.max_certificate_lifetime,
         )
 
     async def verify(self, assertion: str) -> Identity:
@@ -221,6 +242,18 @@ class Verifier:
             raise IdentityError(
                 errors.ASSERTION_EXPIRED,
                 f"assertion issued in the future ({_when(iat)}, now {_when(now_ms)}): check clocks",
+            )
+        if cert_exp - skew_ms > now_ms + self.max_certificate_lifetime * 1000:
+            raise IdentityError(
+                errors.ASSERTION_EXPIRED,
+                f"certificate expires at {_when(cert_exp)}, more than {self.max_certificate_lifetime:g} s from now"
+                f" ({_when(now_ms)}): certificates may last at most that long",
+            )
+        if exp - skew_ms > now_ms + self.max_assertion_lifetime * 1000:
+            raise IdentityError(
+                errors.ASSERTION_EXPIRED,
+                f"assertion expires at {_when(exp)}, more than {self.max_assertion_lifetime:g} s from now"
+                f" ({_when(now_ms)}): assertions may last at most that long",
             )
 
         # Audience.

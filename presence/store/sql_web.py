@@ -75,6 +75,12 @@ class WebQueries:
 
         return await self._transaction(interaction())
 
+    async def replace_web_secret(self, name: str, old: str, new: str) -> bool:
+        """Store ``new`` for ``name`` if it still holds ``old`` (a compare-and-swap); whether it did."""
+        rows = await self._query("UPDATE web_secrets SET value = ? WHERE name = ? AND value = ? RETURNING 1",
+                                 (new, name, old))
+        return bool(rows)
+
     # -- domain verification polling -----------------------------------------------------------------
     async def save_verification(self, v: Verification) -> None:
         await self._execute(

@@ -26,10 +26,11 @@ HEADERS = {
 class Problem(Exception):
     """Shown to the person as an error page (or a JSON error to the pages' scripts)."""
 
-    def __init__(self, code: int, message: str, title: str | None = None):
+    def __init__(self, code: int, message: str, title: str | None = None, retry_after: float | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after = retry_after  # seconds: sent as Retry-After (with 429 and 503)
         self.title = title or {400: "That did not work", 403: "Not allowed", 404: "Not found",
                                429: "Slow down", 503: "Try again in a moment"}.get(code, "Error")
 

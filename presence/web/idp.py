@@ -29,6 +29,8 @@ from presence.identity import jws
 from presence.identity.issuer import CERT_LIFETIME
 from presence.identity.verifier import _EMAIL
 from presence.keys import hash_key
+from presence.ratelimit import KeyedLimit
+from presence.secrets_at_rest import SecretBox, shared_secret
 from presence.web.common import Problem, local_path, read_json, send_json
 
 log = Logger()
@@ -56,9 +58,9 @@ def _load(pem: bytes, where: str) -> rsa.RSAPrivateKey:
     return key
 
 
-async def load_issuer(config: Any, store: Any, reactor: Any, now: float) -> Issuer:
+async def load_issuer(config: Any, store: Any, reactor: Any, now: float, box: SecretBox | None = None) -> Issuer:
     """Presence's own issuer: its key from --identity-key-file (made there if missing) or, shared by
-    every node, from the database (made once)."""
+    every node, from the database (made once, stored encrypted with ``box``: presence.secrets_at_rest)."""
     path = config.identity_key_file
     if path and os.path.exists(path):
         with open(path, "rb") as f:
@@ -71,16 +73,20 @@ async def load_issuer(config: Any, store: Any, reactor: Any, now: float) -> Issu
                 f.write(_pem(key))
             log.info("made a new identity key in {path}", path=path, event="idp.key_created")
         else:
-            pem = await store.web_secret("identity_key", _pem(key).decode("ascii"), now)
+            box = box or SecretBox.from_config(config, store)
+            made = _pem(key).decode("ascii")
+            pem = await shared_secret(store, box, "identity_key", lambda: made, now)
             key = _load(pem.encode("ascii"), "the database's identity key")
     return Issuer(issuer_domain(config.public_url), key, "jwk")
 
 
-async def load_secret(config: Any, store: Any, now: float) -> bytes:
-    """The secret that signs cookies: from --session-secret-file (made there if missing) or the database."""
+async def load_secret(config: Any, store: Any, now: float, box: SecretBox | None = None) -> bytes:
+    """The secret that signs cookies: from --session-secret-file (made there if missing) or the
+    database (stored encrypted with ``box``: presence.secrets_at_rest)."""
     path = config.session_secret_file
     if not path:
-        return (await store.web_secret("session_secret", secrets.token_hex(32), now)).encode("ascii")
+        box = box or SecretBox.from_config(config, store)
+        return (await shared_secret(store, box, "session_secret", lambda: secrets.token_hex(32), now)).encode("ascii")
     if not os.path.exists(path):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -104,11 +110,25 @@ def valid_email(value: str) -> str | None:
 class IdentityProvider:
     """The JSON endpoints of signing in; ``site`` is the WebSite (store, clock, sessions, ...)."""
 
-    def __init__(self, site: Any, issuer: Issuer, mailer: Any, link_lifetime: float):
+    def __init__(self, site: Any, issuer: Issuer, mailer: Any, link_lifetime: float, per_client: int = 10,
+                 total: int = 300, client_header: str = ""):
         self.site = site
         self.issuer = issuer
         self.mailer = mailer
         self.link_lifetime = link_lifetime
+        self.per_client = KeyedLimit(per_client, link_lifetime, site.clock)
+        self.total = KeyedLimit(total, link_lifetime, site.clock)
+        self.client_header = client_header.encode("latin-1").lower()
+
+    def client(self, request: Any) -> str:
+        """The client's address: the last value of --client-address-header (what the balancer in front
+        added), else the connection's peer."""
+        if self.client_header:
+            value = request.getHeader(self.client_header)
+            if value:
+                return value.decode("latin-1").rsplit(",", 1)[-1].strip()[:100]
+        peer = request.getClientAddress()
+        return str(getattr(peer, "host", peer))
 
     def support_document(self, request: Any) -> bytes:
         document = {"public-key": jws.public_key_to_json(self.issuer.public_key, "jwk"),
@@ -130,10 +150,22 @@ class IdentityProvider:
             raise Problem(400, "Give a valid email address, like alice@example.com.")
         next_path = local_path(str(body.get("next", "/")))
         store, now = self.site.store, self.site.clock.seconds()
+        minutes = round(self.link_lifetime / 60)
+        client = self.client(request)
+        wait = self.per_client.take(client)
+        if wait:
+            log.info("too many sign-in links asked for from {client}", client=client, event="login.limited_client")
+            raise Problem(429, f"This address asked for {self.per_client.limit} sign-in links in the last {minutes}"
+                               " minutes; use one of them, or wait a little.", retry_after=wait)
+        wait = self.total.take()
+        if wait:
+            log.warn("this node sent {n} sign-in links in {minutes} minutes: sending no more for now",
+                     n=self.total.limit, minutes=minutes, event="login.limited_total")
+            raise Problem(429, "Too many sign-in links are being sent right now; try again in a few minutes.",
+                          retry_after=wait)
         if await store.count_login_tokens(email, now - self.link_lifetime) >= LINKS_PER_WINDOW:
-            minutes = round(self.link_lifetime / 60)
             raise Problem(429, f"{LINKS_PER_WINDOW} links were already sent to {email} in the last {minutes}"
-                               " minutes; use one of them, or wait a little.")
+                               " minutes; use one of them, or wait a little.", retry_after=self.link_lifetime)
         token = secrets.token_urlsafe(32)
         await store.add_login_token(hash_key(token), email, next_path, now, now + self.link_lifetime)
         link = self.site.public_url + "/login/link#" + token

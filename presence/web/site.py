@@ -19,6 +19,7 @@ idp.py (signing in), developer.py (/myapps) and people.py (the door hanger and /
 
 from __future__ import annotations
 
+import math
 from importlib import resources
 from typing import Any
 from urllib.parse import quote
@@ -32,6 +33,7 @@ from presence import __version__
 from presence.mail import mailer_from_config
 from presence.store import StoreUnavailable
 from presence.verification import VerificationPoller, check_domain, safe_client
+from presence.secrets_at_rest import SecretBox
 from presence.web.common import Problem, arg, local_path, redirect, render, send_json, with_query
 from presence.web.developer import DeveloperPages
 from presence.web.idp import IdentityProvider, load_issuer, load_secret
@@ -75,10 +77,12 @@ class WebSite:
                                  secure=self.public_url.startswith("https:"))
         self.issuer = issuer
         self.idp = IdentityProvider(self, issuer, mailer or mailer_from_config(config, node.reactor),
-                                    config.login_link_lifetime)
+                                    config.login_link_lifetime, config.login_links_per_client,
+                                    config.login_links_total, config.client_address_header)
         self.developer = DeveloperPages(self)
         self.people = PeoplePages(self)
-        self.http = http or safe_client(node.reactor, config.verify_allow_private, connect_timeout=config.verify_timeout)
+        self.http = http or safe_client(node.reactor, config.verify_allow_private, connect_timeout=config.verify_timeout,
+                                        max_head=config.fetch_max_head, max_header_lines=config.fetch_max_header_lines)
         self.poller = VerificationPoller(self.store, self.apps, self.clock, config.node, self._check,
                                          config.verify_poll)
         self._cleanup = LoopingCall(self._expire)
@@ -88,8 +92,11 @@ class WebSite:
     async def open(cls, node: Any, clock: Any = None, mailer: Any = None, http: Any = None) -> WebSite:
         """Load what every node shares (the cookie secret, the identity key) from the store or files."""
         now = (clock or node.reactor).seconds()
-        secret = await load_secret(node.config, node.store, now)
-        issuer = await load_issuer(node.config, node.store, node.reactor, now)
+        box = None
+        if not (node.config.session_secret_file and node.config.identity_key_file):
+            box = SecretBox.from_config(node.config, node.store)   # what the database keeps of them is encrypted
+        secret = await load_secret(node.config, node.store, now, box)
+        issuer = await load_issuer(node.config, node.store, node.reactor, now, box)
         return cls(node, clock, secret, issuer, mailer, http)
 
     async def start(self) -> None:
@@ -151,6 +158,8 @@ class WebSite:
     @app.handle_errors(Problem)
     async def problem(self, request: Any, failure: Any) -> bytes:
         p = failure.value
+        if p.retry_after is not None:
+            request.setHeader(b"retry-after", str(max(1, math.ceil(p.retry_after))).encode())
         if (request.getHeader(b"content-type") or b"").startswith(b"application/json"):
             return send_json(request, p.code, {"error": p.message})
         return await self.page(request, "problem.html", code=p.code, title=p.title, message=p.message)
