@@ -145,8 +145,26 @@ def unmask(mask: bytes, data: bytes) -> bytes:
     n = len(data)
     if not n:
         return data
+    if n >= _LARGE and _large_unmask() is not None:
+        return _large_unmask()(bytes(mask), data)
     key = int.from_bytes((mask * (n // 4 + 1))[:n], "little")
     return (int.from_bytes(data, "little") ^ key).to_bytes(n, "little")
+
+
+_LARGE = 256 * 1024
+_nvx: list = []
+
+
+def _large_unmask():
+    """Autobahn's vectorised XOR in C (NVX), when it is built: four times the speed of the big
+    integer on a payload of megabytes (the conformance run's 9.x cases). Looked up once, lazily."""
+    if not _nvx:
+        try:
+            from autobahn.websocket.xormasker import USES_NVX, create_xor_masker
+        except ImportError:       # pragma: no cover - autobahn is a dependency; its C part may not be built
+            USES_NVX = False
+        _nvx.append((lambda mask, data: create_xor_masker(mask, len(data)).process(data)) if USES_NVX else None)
+    return _nvx[0]
 
 
 def parse_frames(buffer: bytes, max_payload: int) -> tuple[list[Frame], bytes]:

@@ -32,6 +32,7 @@ from presence.ws.session import Peer, Session
 log = Logger()
 
 _HANDSHAKE, _OPEN, _CLOSING, _CLOSED = range(4)
+_GROW_IN_PLACE = 64 * 1024   # an unfinished frame over this many bytes is buffered in a bytearray
 
 
 class Prepared(bytes):
@@ -77,7 +78,13 @@ class PresenceServerProtocol:
 
     def dataReceived(self, data: bytes) -> None:
         self._idle = 0
-        self._buffer = self._buffer + data if self._buffer else data
+        buffer = self._buffer
+        if not buffer:
+            self._buffer = data
+        elif type(buffer) is bytearray:
+            buffer += data                  # a large frame on its way: appended in place (see _frames)
+        else:
+            self._buffer = buffer + data
         try:
             if self.state == _HANDSHAKE:
                 self._handshake()
@@ -166,7 +173,13 @@ class PresenceServerProtocol:
 
     # -- frames -----------------------------------------------------------------------------------
     def _frames(self) -> None:
-        received, self._buffer = frames.parse_frames(self._buffer, self._limit)
+        received, rest = frames.parse_frames(self._buffer, self._limit)
+        # What is left is the start of an unfinished frame. A large one comes in many reads: joining
+        # each read to all of it before (bytes + bytes) would cost the square of its size, so it
+        # grows in place in a bytearray until it is whole.
+        if len(rest) > _GROW_IN_PLACE and type(rest) is bytes:
+            rest = bytearray(rest)
+        self._buffer = rest
         for fin, opcode, payload in received:
             if self.state == _CLOSED:
                 return
