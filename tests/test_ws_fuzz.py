@@ -27,7 +27,7 @@ from presence.ws.app import AppSession
 from presence.ws.device import DeviceSession
 from presence.ws.frames import ProtocolViolation
 from presence.ws.server import PresenceServerFactory
-from tests.test_ws_server import masked, request, server_frames
+from tests.test_ws_server import masked, request, server_frames, turns
 
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DOCUMENTED_CLOSE = {1000, 1001, 1002, 1003, 1007, 1009, 4000, 4001, 4002, 4003, 4004, 4005, 4006}
@@ -251,6 +251,7 @@ def test_both_sessions_answer_every_message_or_close_with_a_documented_code(path
         for cut in cuts + [len(data)]:                    # the bytes as some reads hand them over
             protocol.dataReceived(data[pos:pos + cut])    # nothing may escape
             pos += cut
+            turns(clock)                                  # bursts are handled a slice per reactor turn
         sent = server_frames(transport.value())
         replies = [json.loads(p) for op, p in sent if op == frames.TEXT]
         closes = [frames.parse_close(p)[0] for op, p in sent if op == frames.CLOSE]

@@ -454,6 +454,42 @@ async def test_direct_writes_keep_their_order_when_the_socket_is_full():
 
 
 # -- hostile input (issue 14) ----------------------------------------------------------------------
+def turns(clock) -> None:
+    """Run the reactor turns a connection asked for (callLater(0))."""
+    while any(call.getTime() <= clock.seconds() for call in clock.getDelayedCalls()):
+        clock.advance(0)
+
+
+def test_a_burst_of_messages_is_handled_a_slice_per_reactor_turn_without_reading_meanwhile():
+    from presence.ws.server import FRAMES_PER_TURN
+
+    server = Server()
+    protocol, transport, session = server.open()
+    protocol.dataReceived(masked(frames.TEXT, b"{}") * (FRAMES_PER_TURN * 3 + 5) + masked(frames.TEXT, b"[", fin=False))
+    assert len(session.events) == 1 + FRAMES_PER_TURN
+    assert transport.producerState == "paused"                    # its socket waits meanwhile
+    assert [call.getTime() for call in server.clock.getDelayedCalls()] == [0]   # the rest: in the next turn
+    turns(server.clock)
+    assert len(session.events) == 1 + FRAMES_PER_TURN * 3 + 5
+    assert transport.producerState == "producing"                 # and is read again once all was handled
+    protocol.dataReceived(masked(frames.CONTINUATION, b"]"))       # the unfinished message went on
+    assert session.events[-1] == ("text", "[]")
+
+
+def test_a_burst_from_a_peer_that_does_not_read_is_finished_but_its_socket_stays_unread():
+    from presence.ws.server import FRAMES_PER_TURN
+
+    server = Server()
+    protocol, transport, session = server.open()
+    protocol.dataReceived(masked(frames.TEXT, b"{}") * (FRAMES_PER_TURN * 2))
+    protocol.pauseProducing()
+    turns(server.clock)
+    assert len(session.events) == 1 + FRAMES_PER_TURN * 2 + 1     # opened, the messages, "pause"
+    assert transport.producerState == "paused"
+    protocol.resumeProducing()
+    assert transport.producerState == "producing"
+
+
 def closed_with(transport) -> int | None:
     sent = [payload for opcode, payload in server_frames(transport.value()) if opcode == frames.CLOSE]
     return frames.parse_close(sent[-1])[0] if sent else None
@@ -489,6 +525,7 @@ def test_assembling_a_fragmented_message_costs_its_size_not_the_square_of_its_fr
     started = time.process_time()
     for i in range(0, len(data), 65536):          # as the transport hands it over: 64 KiB reads
         protocol.dataReceived(data[i:i + 65536])
+        turns(protocol.factory.clock)
     took = time.process_time() - started
     assert session.events == ["opened", ("text", "[" + "1" * (n - 2) + "]")]
     assert took < 2.0, f"{n} fragments took {took:.2f}s of CPU"
@@ -626,6 +663,8 @@ async def test_a_peer_that_sends_without_reading_costs_bounded_memory():
         # The node's buffer for the peer filled up (Twisted paused it), and the flooder's own
         # buffer backs up: the node no longer reads it.
         await eventually(lambda: t.producerPaused and flooder.paused, timeout=20)
+        # What it had read already is still handled, a slice per reactor turn; then nothing more.
+        await eventually(lambda: len(protocol._buffer) < 1000, timeout=20)
         handled = len(server.sessions[0].events)
         for _ in range(50):                                       # reactor turns in which a reading node would go on
             await deferLater(reactor, 0, lambda: None)

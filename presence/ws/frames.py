@@ -167,15 +167,17 @@ def _large_unmask():
     return _nvx[0]
 
 
-def parse_frames(buffer: bytes, max_payload: int) -> tuple[list[Frame], bytes]:
-    """Complete frames at the start of ``buffer``, and what is left of it (an unfinished frame).
+def parse_frames(buffer: bytes, max_payload: int, max_frames: int = 0) -> tuple[list[Frame], bytes]:
+    """Complete frames at the start of ``buffer`` (at most ``max_frames`` of them, unless 0), and
+    what is left of it (an unfinished frame, or the frames past ``max_frames``).
 
     Raises ProtocolViolation for anything a client must not send; a frame announcing more than
     ``max_payload`` bytes is refused as soon as its header is read, before it is buffered.
     """
     frames: list[Frame] = []
     pos, end = 0, len(buffer)
-    while end - pos >= 2:
+    max_frames = max_frames or -1
+    while end - pos >= 2 and len(frames) != max_frames:
         b0, b1 = buffer[pos], buffer[pos + 1]
         fin, opcode, length = bool(b0 & 0x80), b0 & 0x0F, b1 & 0x7F
         if b0 & 0x70:

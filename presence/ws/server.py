@@ -32,6 +32,7 @@ from presence.ws.session import Peer, Session
 log = Logger()
 
 _HANDSHAKE, _OPEN, _CLOSING, _CLOSED = range(4)
+FRAMES_PER_TURN = 64          # frames of one connection handled per reactor turn; the rest in the next
 _GROW_IN_PLACE = 64 * 1024   # an unfinished frame over this many bytes is buffered in a bytearray
 
 
@@ -172,8 +173,9 @@ class PresenceServerProtocol:
         self.transport.loseConnection()
 
     # -- frames -----------------------------------------------------------------------------------
-    def _frames(self) -> None:
-        received, rest = frames.parse_frames(self._buffer, self._limit)
+    def _frames(self) -> bool:
+        """Handle the frames in the buffer; True if some are left for a later turn."""
+        received, rest = frames.parse_frames(self._buffer, self._limit, FRAMES_PER_TURN)
         # What is left is the start of an unfinished frame. A large one comes in many reads: joining
         # each read to all of it before (bytes + bytes) would cost the square of its size, so it
         # grows in place in a bytearray until it is whole.
@@ -182,7 +184,7 @@ class PresenceServerProtocol:
         self._buffer = rest
         for fin, opcode, payload in received:
             if self.state == _CLOSED:
-                return
+                return False
             if opcode == frames.CLOSE:
                 self._peer_closed(payload)
             elif opcode == frames.PING:
@@ -192,6 +194,26 @@ class PresenceServerProtocol:
                 pass                       # hearing from the peer is what keep-alive wants
             elif self.state == _OPEN:      # data after our close frame is dropped (RFC 6455 5.5.1)
                 self._data(fin, opcode, payload)
+        if len(received) == FRAMES_PER_TURN and self._buffer and self.state != _CLOSED:
+            # More frames may be waiting: the rest in a later reactor turn, so that one peer's burst
+            # (tens of thousands of small messages in one read) does not stall everyone else. Its
+            # socket is not read meanwhile.
+            self._reading(False)
+            self.factory.clock.callLater(0, self._more)
+            return True
+        return False
+
+    def _more(self) -> None:
+        if self.state not in (_OPEN, _CLOSING) or self.transport is None:
+            return
+        try:
+            if self._frames():
+                return
+        except ProtocolViolation as e:
+            self._fail(e.code, e.reason)
+            return
+        if self.state != _CLOSED and self._unread is None:   # unless the peer does not read our replies
+            self._reading(True)
 
     def _data(self, fin: bool, opcode: int, payload: bytes) -> None:
         parts = self._parts
