@@ -67,6 +67,9 @@ class Config:
 
     # Websocket hygiene.
     max_message: int = 64 * 1024
+    max_auth_message: int = 32 * 1024   # before authentication: a connect with 1000 application ids fits
+    max_fragments: int = 1024
+    max_output: int = 8 * 1024 * 1024
     handshake_timeout: float = 10.0
     ping_interval: float = 30.0
 

@@ -99,7 +99,9 @@ class Node(Service):
         self.web: Any = None
         self.ws_factory = PresenceServerFactory(
             self.route, reactor, self.metrics, max_message=config.max_message,
-            handshake_timeout=config.handshake_timeout, ping_interval=config.ping_interval)
+            handshake_timeout=config.handshake_timeout, ping_interval=config.ping_interval,
+            max_auth_message=config.max_auth_message, max_fragments=config.max_fragments,
+            max_output=config.max_output)
         self.streams.prepare = self.ws_factory.prepare  # frame each list once per application
         self.web_port: Any = None
         self.ws_port: Any = None

@@ -43,3 +43,49 @@ def test_messages_wait_for_the_one_in_progress_and_keep_their_order():
     assert peer.sent == [{"result": "OK"}] * 5
     session.received('{"n": "dict"}')                       # idle again: handled at once
     assert session.log[-1] == ("end", "dict") and peer.sent[-1] == {"result": "dict"}
+
+
+# -- hostile input (issue 14) ----------------------------------------------------------------------
+class _Echo(Session):
+    __slots__ = ()
+
+    async def dispatch(self, message):
+        return {"result": "OK"}
+
+
+def test_deeply_nested_json_is_malformed_not_an_internal_error(capsys):
+    """Regression: RecursionError from the parser was answered as errno 50 with a traceback each time."""
+    from twisted.logger import globalLogPublisher
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        peer = ListPeer()
+        session = _Echo(peer, Clock(), 10, Metrics())
+        for text in ("[" * 100_000, '{"a":' * 100_000, "[" * 100_000 + "]" * 100_000):
+            session.received(text)
+        session.received('{"type": "x"}')                    # and the session goes on
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [m.get("errno") for m in peer.sent[:3]] == [1, 1, 1] and peer.closed is None
+    assert peer.sent[3] == {"result": "OK"}
+    assert not [e for e in events if e.get("log_failure") is not None or e.get("event") == "session.error"]
+
+
+class _LimitPeer(ListPeer):
+    def __init__(self):
+        super().__init__()
+        self.raised = 0
+
+    def authenticated(self):
+        self.raised += 1
+
+
+def test_authenticating_raises_the_peers_message_limit():
+    peer = _LimitPeer()
+    session = _Echo(peer, Clock(), 10, Metrics())
+    session.opened()
+    assert peer.raised == 0
+    session.authenticated()
+    assert peer.raised == 1
+    _Echo(ListPeer(), Clock(), 10, Metrics()).authenticated()   # a peer without limits is fine too

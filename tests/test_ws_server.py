@@ -451,3 +451,227 @@ async def test_direct_writes_keep_their_order_when_the_socket_is_full():
         client.transport.loseConnection()
         await port.stopListening()
         await deferLater(reactor, 0.05, lambda: None)
+
+
+# -- hostile input (issue 14) ----------------------------------------------------------------------
+def turns(clock) -> None:
+    """Run the reactor turns a connection asked for (callLater(0))."""
+    while any(call.getTime() <= clock.seconds() for call in clock.getDelayedCalls()):
+        clock.advance(0)
+
+
+def test_a_burst_of_messages_is_handled_a_slice_per_reactor_turn_without_reading_meanwhile():
+    from presence.ws.server import FRAMES_PER_TURN
+
+    server = Server()
+    protocol, transport, session = server.open()
+    protocol.dataReceived(masked(frames.TEXT, b"{}") * (FRAMES_PER_TURN * 3 + 5) + masked(frames.TEXT, b"[", fin=False))
+    assert len(session.events) == 1 + FRAMES_PER_TURN
+    assert transport.producerState == "paused"                    # its socket waits meanwhile
+    assert [call.getTime() for call in server.clock.getDelayedCalls()] == [0]   # the rest: in the next turn
+    turns(server.clock)
+    assert len(session.events) == 1 + FRAMES_PER_TURN * 3 + 5
+    assert transport.producerState == "producing"                 # and is read again once all was handled
+    protocol.dataReceived(masked(frames.CONTINUATION, b"]"))       # the unfinished message went on
+    assert session.events[-1] == ("text", "[]")
+
+
+def test_a_burst_from_a_peer_that_does_not_read_is_finished_but_its_socket_stays_unread():
+    from presence.ws.server import FRAMES_PER_TURN
+
+    server = Server()
+    protocol, transport, session = server.open()
+    protocol.dataReceived(masked(frames.TEXT, b"{}") * (FRAMES_PER_TURN * 2))
+    protocol.pauseProducing()
+    turns(server.clock)
+    assert len(session.events) == 1 + FRAMES_PER_TURN * 2 + 1     # opened, the messages, "pause"
+    assert transport.producerState == "paused"
+    protocol.resumeProducing()
+    assert transport.producerState == "producing"
+
+
+def closed_with(transport) -> int | None:
+    sent = [payload for opcode, payload in server_frames(transport.value()) if opcode == frames.CLOSE]
+    return frames.parse_close(sent[-1])[0] if sent else None
+
+
+def test_a_complete_handshake_head_over_the_limit_in_one_read_gets_431():
+    server = Server()
+    head = request(**{"X-Padding": "a" * 9 * 1024})
+    assert len(head) > 9 * 1024 and head.endswith(b"\r\n\r\n")
+    protocol, transport = server.connect(head)
+    assert transport.value().startswith(b"HTTP/1.1 431 ")
+    assert transport.disconnecting and server.sessions == []
+
+
+def test_a_handshake_head_just_under_the_limit_opens():
+    server = Server()
+    head = request(**{"X-Padding": "a"})
+    head = request(**{"X-Padding": "a" * (frames.MAX_REQUEST - len(head) + 5)})
+    assert len(head) - 4 == frames.MAX_REQUEST
+    protocol, transport = server.connect(head)
+    assert transport.value().startswith(b"HTTP/1.1 101 ")
+
+
+def test_assembling_a_fragmented_message_costs_its_size_not_the_square_of_its_fragments():
+    """Regression: every continuation frame re-added the sizes of all earlier ones (40,000 empty
+    fragments took 10.7 s of CPU)."""
+    import time
+
+    n = 40_000
+    protocol, transport, session = Server(max_message=1 << 20, max_fragments=n + 1).open()
+    data = masked(frames.TEXT, b"[", fin=False) + masked(frames.CONTINUATION, b"1", fin=False) * (n - 2) \
+        + masked(frames.CONTINUATION, b"]")
+    started = time.process_time()
+    for i in range(0, len(data), 65536):          # as the transport hands it over: 64 KiB reads
+        protocol.dataReceived(data[i:i + 65536])
+        turns(protocol.factory.clock)
+    took = time.process_time() - started
+    assert session.events == ["opened", ("text", "[" + "1" * (n - 2) + "]")]
+    assert took < 2.0, f"{n} fragments took {took:.2f}s of CPU"
+
+
+@pytest.mark.parametrize("payload", [b"", b"x"])
+def test_a_message_in_more_fragments_than_the_limit_is_refused_with_1009(payload):
+    protocol, transport, session = Server(max_fragments=16).open()
+    protocol.dataReceived(masked(frames.TEXT, payload, fin=False)
+                          + masked(frames.CONTINUATION, payload, fin=False) * 14)    # 15 frames: fine
+    assert not transport.disconnecting
+    protocol.dataReceived(masked(frames.CONTINUATION, payload, fin=False) * 100)
+    assert closed_with(transport) == 1009 and transport.disconnecting
+    assert session.events == ["opened"] and protocol._parts is None
+
+
+def test_the_limit_of_fragments_allows_exactly_that_many():
+    protocol, transport, session = Server(max_fragments=3).open()
+    protocol.dataReceived(masked(frames.TEXT, b"a", fin=False) + masked(frames.CONTINUATION, b"b", fin=False)
+                          + masked(frames.CONTINUATION, b"c"))
+    assert session.events == ["opened", ("text", "abc")] and not transport.disconnecting
+
+
+def test_a_fragmented_binary_message_is_refused_at_its_first_frame_and_never_assembled():
+    protocol, transport, session = Server().open()
+    protocol.dataReceived(masked(frames.BINARY, b"\x00" * 100, fin=False))
+    assert session.events == ["opened", "binary"]
+    assert closed_with(transport) == 1003                       # the protocol closes if the session did not
+    assert protocol._parts is None
+    protocol.dataReceived(masked(frames.CONTINUATION, b"\x00" * 100, fin=False) * 50)
+    assert protocol._parts is None and session.events == ["opened", "binary"]
+    assert closed_with(transport) == 1003                       # nothing more was said: data after a close is dropped
+    protocol.dataReceived(masked(frames.CLOSE, struct.pack("!H", 1003)))
+    assert transport.disconnecting
+
+
+def test_before_authentication_messages_have_a_smaller_limit():
+    server = Server(max_message=1024, max_auth_message=256)
+    protocol, transport, session = server.open()
+    protocol.dataReceived(masked(frames.TEXT, b"a" * 256))
+    assert session.events[-1] == ("text", "a" * 256)
+    protocol.dataReceived(masked(frames.TEXT, b"a" * 257))
+    assert closed_with(transport) == 1009 and transport.disconnecting
+
+    protocol, transport, session = server.open()                 # fragments count whole, too
+    protocol.dataReceived(masked(frames.TEXT, b"a" * 200, fin=False) + masked(frames.CONTINUATION, b"a" * 100))
+    assert closed_with(transport) == 1009
+
+    protocol, transport, session = server.open()
+    protocol.authenticated()
+    protocol.dataReceived(masked(frames.TEXT, b"a" * 1000))
+    assert session.events[-1] == ("text", "a" * 1000) and not transport.disconnecting
+    protocol.dataReceived(masked(frames.TEXT, b"a" * 1025))
+    assert closed_with(transport) == 1009
+
+
+def test_a_peer_that_stops_reading_is_not_read_either_and_is_closed_past_max_output():
+    server = Server(max_output=1000, close_timeout=5)
+    protocol, transport, session = server.open()
+    protocol.pauseProducing()                                     # the transport's buffer is full
+    assert transport.producerState == "paused"                    # so its requests are not read meanwhile
+    protocol.send(b"x" * 600)
+    assert closed_with(transport) is None
+    protocol.send(b"x" * 600)                                     # over 1000 bytes unread
+    assert closed_with(transport) == 4005
+    assert len(transport.value()) < 700 + 100                     # the second message was dropped
+    protocol.send(b"x" * 600)                                     # and nothing goes after the close frame
+    assert len(server_frames(transport.value())) == 2
+    server.clock.advance(5.1)
+    assert transport.disconnecting                                # it never answered the close
+
+
+def test_what_was_written_before_the_peer_caught_up_does_not_count():
+    server = Server(max_output=1000)
+    protocol, transport, session = server.open()
+    protocol.pauseProducing()
+    protocol.send(b"x" * 900)
+    protocol.resumeProducing()
+    assert transport.producerState == "producing"
+    protocol.pauseProducing()
+    protocol.send(b"x" * 900)
+    assert closed_with(transport) is None
+    assert session.events == ["opened", "pause", "resume", "pause"]
+
+
+class _Replying(FakeSession):
+    """Answers every message, as a session answers bad JSON."""
+
+    def received(self, text):
+        t = self.peer.transport
+        self.events.append(len(t.dataBuffer) + t._tempDataLen)
+        self.peer.send_json({"result": "KO", "errno": 1, "error": "not valid JSON" + " " * 40})
+
+
+class _Flooder(Protocol):
+    """Sends bad JSON as fast as the socket takes it and never reads."""
+
+    def connectionMade(self):
+        self.transport.write(request())
+        self.transport.pauseProducing()                           # never read
+        self.frame = masked(frames.TEXT, b"{") * 1000
+        self.sent = 0
+        self.transport.registerProducer(self, True)
+        self.resumeProducing()
+
+    def resumeProducing(self):
+        self.paused = False
+        while not self.paused and self.sent < 40_000_000:
+            self.transport.write(self.frame)
+            self.sent += len(self.frame)
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def stopProducing(self):
+        self.paused = True
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_peer_that_sends_without_reading_costs_bounded_memory():
+    """Regression: one connection sending bad JSON without reading added 52 MB of RSS: every reply
+    was buffered. Now the node stops reading a peer that does not read its replies."""
+    from tests.fakes import eventually
+
+    server = Server(clock=reactor, max_message=64 * 1024)
+    server.route = lambda path, peer: server.sessions.append(_Replying(peer)) or server.sessions[-1]
+    server.factory.route = server.route
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(server.factory)
+    flooder = _Flooder()
+    try:
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(Factory.forProtocol(lambda: flooder))
+        await eventually(lambda: server.factory.open_connections, timeout=10)
+        [protocol] = server.factory.open_connections
+        t = protocol.transport
+        # The node's buffer for the peer filled up (Twisted paused it), and the flooder's own buffer
+        # backs up: the node no longer reads it. (The kernel's buffers may still move a little, so
+        # what is checked is the bound on what the node holds, at every message it handled.)
+        ft = flooder.transport
+        await eventually(lambda: t.producerPaused and flooder.paused and len(ft.dataBuffer) + ft._tempDataLen > 65536,
+                         timeout=20)
+        for _ in range(50):                                       # reactor turns in which a reading node would go on
+            await deferLater(reactor, 0, lambda: None)
+        buffered = [n for n in server.sessions[0].events if isinstance(n, int)]
+        bound = 64 * 1024 + 65536 // 6 * 70          # Twisted's 64 KiB, plus replies to the rest of one 64 KiB read
+        assert max(buffered) < bound and len(t.dataBuffer) + t._tempDataLen < bound + 100
+    finally:
+        flooder.transport.abortConnection()
+        await port.stopListening()
+        await deferLater(reactor, 0.05, lambda: None)

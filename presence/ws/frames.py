@@ -145,19 +145,39 @@ def unmask(mask: bytes, data: bytes) -> bytes:
     n = len(data)
     if not n:
         return data
+    if n >= _LARGE and _large_unmask() is not None:
+        return _large_unmask()(bytes(mask), data)
     key = int.from_bytes((mask * (n // 4 + 1))[:n], "little")
     return (int.from_bytes(data, "little") ^ key).to_bytes(n, "little")
 
 
-def parse_frames(buffer: bytes, max_payload: int) -> tuple[list[Frame], bytes]:
-    """Complete frames at the start of ``buffer``, and what is left of it (an unfinished frame).
+_LARGE = 256 * 1024
+_nvx: list = []
+
+
+def _large_unmask():
+    """Autobahn's vectorised XOR in C (NVX), when it is built: four times the speed of the big
+    integer on a payload of megabytes (the conformance run's 9.x cases). Looked up once, lazily."""
+    if not _nvx:
+        try:
+            from autobahn.websocket.xormasker import USES_NVX, create_xor_masker
+        except ImportError:       # pragma: no cover - autobahn is a dependency; its C part may not be built
+            USES_NVX = False
+        _nvx.append((lambda mask, data: create_xor_masker(mask, len(data)).process(data)) if USES_NVX else None)
+    return _nvx[0]
+
+
+def parse_frames(buffer: bytes, max_payload: int, max_frames: int = 0) -> tuple[list[Frame], bytes]:
+    """Complete frames at the start of ``buffer`` (at most ``max_frames`` of them, unless 0), and
+    what is left of it (an unfinished frame, or the frames past ``max_frames``).
 
     Raises ProtocolViolation for anything a client must not send; a frame announcing more than
     ``max_payload`` bytes is refused as soon as its header is read, before it is buffered.
     """
     frames: list[Frame] = []
     pos, end = 0, len(buffer)
-    while end - pos >= 2:
+    max_frames = max_frames or -1
+    while end - pos >= 2 and len(frames) != max_frames:
         b0, b1 = buffer[pos], buffer[pos + 1]
         fin, opcode, length = bool(b0 & 0x80), b0 & 0x0F, b1 & 0x7F
         if b0 & 0x70:

@@ -23,6 +23,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from presence.errors import CLOSE_TOO_SLOW
 from presence.metrics import Metrics
 from presence.ws import frames
 from presence.ws.frames import HandshakeError, ProtocolViolation
@@ -31,6 +32,8 @@ from presence.ws.session import Peer, Session
 log = Logger()
 
 _HANDSHAKE, _OPEN, _CLOSING, _CLOSED = range(4)
+FRAMES_PER_TURN = 64          # frames of one connection handled per reactor turn; the rest in the next
+_GROW_IN_PLACE = 64 * 1024   # an unfinished frame over this many bytes is buffered in a bytearray
 
 
 class Prepared(bytes):
@@ -44,8 +47,8 @@ class PresenceServerProtocol:
     """One connection. Also the producer registered on its transport, so that the session learns
     when the peer stops reading (pause) and catches up (resume)."""
 
-    __slots__ = ("factory", "transport", "session", "state", "_buffer", "_parts", "_opcode", "_idle",
-                 "_direct", "_close_timer")
+    __slots__ = ("factory", "transport", "session", "state", "_buffer", "_parts", "_size", "_limit", "_unread",
+                 "_idle", "_direct", "_close_timer")
 
     def __init__(self, factory: "PresenceServerFactory"):
         self.factory = factory
@@ -53,8 +56,10 @@ class PresenceServerProtocol:
         self.session: Session | None = None
         self.state = _HANDSHAKE
         self._buffer = b""
-        self._parts: list[bytes] | None = None   # the frames of an unfinished fragmented message
-        self._opcode = 0                         # and its opcode
+        self._parts: list[bytes] | None = None   # the frames of an unfinished fragmented (text) message
+        self._size = 0                           # and their bytes so far
+        self._limit = factory.max_auth_message   # largest message: smaller until the session authenticates
+        self._unread: int | None = None          # bytes written since the peer stopped reading (None: it reads)
         self._idle = 0                           # keep-alive: sweeps since the peer was last heard
         self._direct = False
         self._close_timer: Any = None
@@ -74,7 +79,13 @@ class PresenceServerProtocol:
 
     def dataReceived(self, data: bytes) -> None:
         self._idle = 0
-        self._buffer = self._buffer + data if self._buffer else data
+        buffer = self._buffer
+        if not buffer:
+            self._buffer = data
+        elif type(buffer) is bytearray:
+            buffer += data                  # a large frame on its way: appended in place (see _frames)
+        else:
+            self._buffer = buffer + data
         try:
             if self.state == _HANDSHAKE:
                 self._handshake()
@@ -104,14 +115,28 @@ class PresenceServerProtocol:
 
     # -- IPushProducer ----------------------------------------------------------------------------
     def pauseProducing(self) -> None:
+        """The transport's buffer is full: the peer does not read what we write. Stop reading what it
+        sends until it does (its requests would only pile up replies), and count what is written
+        meanwhile against --max-output."""
+        self._unread = 0
+        self._reading(False)
         pause = getattr(self.session, "pause", None)
         if pause:
             pause()
 
     def resumeProducing(self) -> None:
+        self._unread = None
+        self._reading(True)
         resume = getattr(self.session, "resume", None)
         if resume:
             resume()
+
+    def _reading(self, on: bool) -> None:
+        t = self.transport
+        while t is not None and not hasattr(t, "pauseProducing"):
+            t = getattr(t, "transport", None)   # TLS: the TCP connection under it
+        if t is not None and self.state != _CLOSED:
+            t.resumeProducing() if on else t.pauseProducing()
 
     def stopProducing(self) -> None:
         pass
@@ -119,9 +144,10 @@ class PresenceServerProtocol:
     # -- the opening handshake --------------------------------------------------------------------
     def _handshake(self) -> None:
         end = self._buffer.find(b"\r\n\r\n")
+        if end > frames.MAX_REQUEST or (end < 0 and len(self._buffer) > frames.MAX_REQUEST):
+            self._refuse(HandshakeError(431, f"the handshake request is over {frames.MAX_REQUEST} bytes"))
+            return
         if end < 0:
-            if len(self._buffer) > frames.MAX_REQUEST:
-                self._refuse(HandshakeError(431, "the handshake request is too large"))
             return
         head, self._buffer = self._buffer[:end], self._buffer[end + 4:]
         try:
@@ -147,11 +173,18 @@ class PresenceServerProtocol:
         self.transport.loseConnection()
 
     # -- frames -----------------------------------------------------------------------------------
-    def _frames(self) -> None:
-        received, self._buffer = frames.parse_frames(self._buffer, self.factory.max_message)
+    def _frames(self) -> bool:
+        """Handle the frames in the buffer; True if some are left for a later turn."""
+        received, rest = frames.parse_frames(self._buffer, self._limit, FRAMES_PER_TURN)
+        # What is left is the start of an unfinished frame. A large one comes in many reads: joining
+        # each read to all of it before (bytes + bytes) would cost the square of its size, so it
+        # grows in place in a bytearray until it is whole.
+        if len(rest) > _GROW_IN_PLACE and type(rest) is bytes:
+            rest = bytearray(rest)
+        self._buffer = rest
         for fin, opcode, payload in received:
             if self.state == _CLOSED:
-                return
+                return False
             if opcode == frames.CLOSE:
                 self._peer_closed(payload)
             elif opcode == frames.PING:
@@ -161,24 +194,54 @@ class PresenceServerProtocol:
                 pass                       # hearing from the peer is what keep-alive wants
             elif self.state == _OPEN:      # data after our close frame is dropped (RFC 6455 5.5.1)
                 self._data(fin, opcode, payload)
+        if len(received) == FRAMES_PER_TURN and self._buffer and self.state != _CLOSED:
+            # More frames may be waiting: the rest in a later reactor turn, so that one peer's burst
+            # (tens of thousands of small messages in one read) does not stall everyone else. Its
+            # socket is not read meanwhile.
+            self._reading(False)
+            self.factory.clock.callLater(0, self._more)
+            return True
+        return False
+
+    def _more(self) -> None:
+        if self.state not in (_OPEN, _CLOSING) or self.transport is None:
+            return
+        try:
+            if self._frames():
+                return
+        except ProtocolViolation as e:
+            self._fail(e.code, e.reason)
+            return
+        if self.state != _CLOSED and self._unread is None:   # unless the peer does not read our replies
+            self._reading(True)
 
     def _data(self, fin: bool, opcode: int, payload: bytes) -> None:
+        parts = self._parts
         if opcode == frames.CONTINUATION:
-            if self._parts is None:
+            if parts is None:
                 raise ProtocolViolation(frames.PROTOCOL_ERROR, "a continuation frame without a message to continue")
-            self._parts.append(payload)
-            if sum(map(len, self._parts)) > self.factory.max_message:
-                raise ProtocolViolation(frames.TOO_BIG, f"a message over the limit of {self.factory.max_message} bytes")
+            # A running total (not a sum over the parts per frame) and a count: assembling a message
+            # costs its size, however it is cut.
+            size = self._size + len(payload)
+            if size > self._limit:
+                raise ProtocolViolation(frames.TOO_BIG, f"a message over the limit of {self._limit} bytes")
+            if len(parts) >= self.factory.max_fragments:
+                raise ProtocolViolation(frames.TOO_BIG, f"a message in more than {self.factory.max_fragments} frames")
+            parts.append(payload)
             if not fin:
+                self._size = size
                 return
-            payload, opcode, self._parts = b"".join(self._parts), self._opcode, None
-        elif self._parts is not None:
+            payload, self._parts, self._size = b"".join(parts), None, 0
+        elif parts is not None:
             raise ProtocolViolation(frames.PROTOCOL_ERROR, "a new message before the fragmented one ended")
-        elif not fin:
-            self._parts, self._opcode = [payload], opcode
-            return
-        if opcode == frames.BINARY:
+        elif opcode == frames.BINARY:
+            # Refused at its first frame: a fragmented binary message is never assembled.
             self.session.binary()
+            if self.state == _OPEN:
+                self.close(frames.UNSUPPORTED, "binary frames are not supported; send JSON text")
+            return
+        elif not fin:
+            self._parts, self._size = [payload], len(payload)
             return
         try:
             text = payload.decode("utf-8")
@@ -196,11 +259,11 @@ class PresenceServerProtocol:
 
     def _fail(self, code: int, reason: str) -> None:
         """The peer broke the protocol: tell it why and hang up (RFC 6455 7.1.7)."""
-        self._buffer, self._parts = b"", None
-        if self.state == _OPEN:
+        self._buffer, self._parts, self._size = b"", None, 0
+        was_open, self.state = self.state == _OPEN, _CLOSING
+        if was_open:
             self.factory.metrics.closes[code].inc()
             self._write(frames.close_frame(code, reason))
-        self.state = _CLOSING
         self.transport.loseConnection()
 
     # -- writing ----------------------------------------------------------------------------------
@@ -217,6 +280,15 @@ class PresenceServerProtocol:
                 if sent == len(data):
                     return
                 data = data[sent:]
+        elif self._unread is not None:
+            # The peer does not read (the transport paused us): bounded by --max-output, past it the
+            # connection is closed (and aborted if it does not answer the close in time).
+            self._unread += len(data)
+            if self._unread > self.factory.max_output and self.state == _OPEN:
+                log.info("closing a connection that does not read: over {limit} bytes wait for it",
+                         limit=self.factory.max_output, event="websocket.output_overflow")
+                self.close(CLOSE_TOO_SLOW, f"too slow: over {self.factory.max_output} bytes unread")
+                return
         t.write(data)
 
     # -- Peer -------------------------------------------------------------------------------------
@@ -233,9 +305,13 @@ class PresenceServerProtocol:
         if self.state != _OPEN:
             return
         self.factory.metrics.closes[code].inc()
-        self._write(frames.close_frame(code, reason))
         self.state = _CLOSING
+        self._write(frames.close_frame(code, reason))
         self._close_timer = self.factory.clock.callLater(self.factory.close_timeout, self.abort)
+
+    def authenticated(self) -> None:
+        """The session authenticated its peer: messages up to --max-message from now on."""
+        self._limit = self.factory.max_message
 
     def ping(self) -> None:
         if self.state == _OPEN:
@@ -250,11 +326,16 @@ class PresenceServerFactory(Factory):
     """Every connection of the listener, and one wheel for their deadlines (no timer each)."""
 
     def __init__(self, route: Callable[[str, Peer], Session], reactor: IReactorTime, metrics: Metrics, *,
-                 max_message: int, handshake_timeout: float, ping_interval: float, close_timeout: float = 5.0):
+                 max_message: int, handshake_timeout: float, ping_interval: float, close_timeout: float = 5.0,
+                 max_auth_message: int | None = None, max_fragments: int = 1024, max_output: int = 8 << 20):
         self.route = route
         self.clock = reactor
         self.metrics = metrics
         self.max_message = max_message
+        # None: no smaller limit before authentication (sessions without one, such as the tests' echo)
+        self.max_auth_message = max_message if max_auth_message is None else min(max_auth_message, max_message)
+        self.max_fragments = max_fragments
+        self.max_output = max_output
         self.handshake_timeout = handshake_timeout
         self.ping_interval = ping_interval
         self.close_timeout = close_timeout

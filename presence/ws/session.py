@@ -27,6 +27,8 @@ class Peer(Protocol):
 
     def close(self, code: int, reason: str) -> None: ...
 
+    # and, optionally, authenticated(): the session proved who its peer is (larger messages allowed)
+
 
 OK_REPLY = json.dumps({"result": "OK"}, separators=(",", ":")).encode("utf-8")
 
@@ -36,6 +38,8 @@ def parse(text: str) -> dict:
         message = json.loads(text)
     except ValueError:
         raise PresenceError(errors.MALFORMED, "not valid JSON")
+    except RecursionError:   # nested deeper than the interpreter's stack: hostile, not a node failure
+        raise PresenceError(errors.MALFORMED, "not valid JSON: nested too deeply")
     if not isinstance(message, dict):
         raise PresenceError(errors.MALFORMED, "a message must be a JSON object")
     return message
@@ -104,10 +108,14 @@ class Session:
         pass
 
     def authenticated(self) -> None:
-        """Stop the authentication deadline."""
+        """Stop the authentication deadline, and let the peer take messages up to --max-message
+        (until now --max-auth-message)."""
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
+        raise_limit = getattr(self.peer, "authenticated", None)   # test peers (lists) have no limit
+        if raise_limit is not None:
+            raise_limit()
 
     def fail(self, error: PresenceError) -> None:
         if self.closed:
