@@ -46,9 +46,15 @@ EVENTS: dict[str, str] = {
     "bus.listen_failed": "LISTEN on the change channel failed; retrying (why, delay)",
     "bus.lost": "the change-log listener dropped; reconnecting (delay)",
     "cluster.heartbeat_failed": "this node's heartbeat could not be written (why)",
-    "cluster.node_dead": "another node stopped sending heartbeats (dead)",
-    "cluster.reaped": "this node cleaned up after a dead one (dead, people, apps, missed)",
-    "cluster.taken_for_dead": "another node took this one for dead; rejoining (node)",
+    "cluster.reaped": "this node cleaned up after a dead node or an earlier incarnation of its own (dead, people,"
+                      " apps, missed)",
+    "cluster.taken_for_dead": "another node took this one for dead, or it missed changes for good: closing"
+                              " everything and rejoining (why, node)",
+    "cluster.rejoined": "rejoined as a new incarnation (incarnation)",
+    "cluster.rejoin_failed": "rejoining failed (the store); the next heartbeat tries again (why)",
+    "bus.gap": "the change log was trimmed past what this node read (first, last)",
+    "secrets.key_created": "the key that encrypts secrets at rest was made (path): copy it to every node sharing"
+                           " the database",
     "cluster.leave_failed": "the node could not leave the registry at stop (why)",
     "identity.support_unavailable": "an issuer's support document could not be fetched (domain, error)",
     "systemd.notify_failed": "$NOTIFY_SOCKET could not be written to (address, why)",
