@@ -42,7 +42,9 @@ def add_parser(sub) -> None:
     c.add_argument("--people", type=int, default=12, help="people, with 1-2 devices each (default 12)")
     c.add_argument("--apps", type=int, default=3, help="applications, granted by subsets of the people (default 3)")
     c.add_argument("--out", type=Path, default=None, help="write the result as JSON")
-    c.add_argument("--keep", action="store_true", help="keep the run directories (node logs)")
+    c.add_argument("--keep", action="store_true", help="keep the run directories (node logs, each check's data)")
+    c.add_argument("--faults", default=None,
+                   help="only these fault kinds, comma-separated (default: every kind the scenario has)")
 
 
 def say(line: str) -> None:
@@ -130,7 +132,9 @@ class Scenario:
         return False
 
     async def rounds(self, started: float) -> None:
-        kinds = KINDS[self.name]
+        kinds = tuple(k for k in KINDS[self.name] if not self.o.faults or k in self.o.faults.split(","))
+        if not kinds:
+            raise ValueError(f"--faults {self.o.faults}: none of them applies to scenario {self.name}")
         expected = max(1, int((self.budget - (time.monotonic() - started)) // ROUND_ESTIMATE[self.name]))
         schedule = Schedule(f"{self.o.seed}-{self.name}", kinds, self.node_names, self.t, expected)
         injector = Injector(self.nodes, self.pg, say)
@@ -141,12 +145,14 @@ class Scenario:
             number += 1
             t0 = time.monotonic()
             faults = schedule.next_round()
-            say(f"[{self.name}] round {number}: {', '.join(f.describe() for f in faults)}")
+            say(f"[{self.name}] round {number}: {', '.join(f.describe() for f in faults)}; traffic stops "
+                f"{schedule.tail:g}s after the last")
             self.fleet.set_traffic(True)
             await asyncio.gather(injector.run(faults, sequential=len(self.nodes) == 1), asyncio.sleep(4.0))
+            await asyncio.sleep(schedule.tail)
             self.fleet.set_traffic(False)
             settled = await self.quiet()
-            violations = await self.check()
+            violations = await self.check(number)
             new = [v for v in violations if v["key"] not in seen]
             seen |= {v["key"] for v in violations}
             for f in faults:
@@ -177,7 +183,7 @@ class Scenario:
                 return True
         return self.fleet.settled()
 
-    async def check(self) -> list[dict]:
+    async def check(self, number: int) -> list[dict]:
         live = {d.key: d.ok or "offline" for d in self.fleet.live_devices() if d.ready.is_set()}
         grants_by_person: dict[str, list[str]] = {}
         for app_id, emails in self.grants.items():
@@ -185,7 +191,12 @@ class Scenario:
                 grants_by_person.setdefault(email, []).append(app_id)
         truth = await store_call("truth", self.checker_url, {"people": self.people, "grants": grants_by_person},
                                  self.run_dir)
-        return check(self.fleet.record, live, self.grants, truth)
+        violations = check(self.fleet.record, live, self.grants, truth)
+        if self.o.keep:  # what the check saw, to read a violation's story next to the node logs
+            (self.run_dir / f"check-{number}.json").write_text(json.dumps(
+                {"live": live, "truth": truth, "violations": violations, "record": vars(self.fleet.record)},
+                indent=1, default=str))
+        return violations
 
     async def cleanup(self) -> None:
         if self.fleet is not None:

@@ -48,6 +48,7 @@ class Schedule:
         self.kinds, self.nodes, self.t = kinds, nodes, timings
         self.deck: list[str] = []
         self.per_round = max(1, math.ceil(len(kinds) / max(rounds, 1)))
+        self.tail = 0.0
 
     def _kind(self) -> str:
         if not self.deck:
@@ -58,6 +59,9 @@ class Schedule:
     def next_round(self) -> list[Fault]:
         rng, t = self.rng, self.t
         count = max(self.per_round, rng.randint(1, 3))
+        # traffic stops this soon after the last fault: the recovery itself must then be right,
+        # not masked by later changes
+        self.tail = round(rng.uniform(0.0, 1.5), 2)
         faults = []
         for _ in range(count):
             kind = self._kind()

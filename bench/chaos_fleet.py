@@ -121,7 +121,8 @@ class Device:
                 return
             if self.fleet.traffic.is_set():
                 await self._status(ws, self.fleet.rng.choice(STATUSES))
-                await _either(ws.closed, self.fleet.stop_event, self.fleet.rng.uniform(0.2, 1.0))
+                # sparse enough that a person's last change often falls in a fault's window
+                await _either(ws.closed, self.fleet.stop_event, self.fleet.rng.uniform(0.5, 3.0))
             else:
                 await _either(ws.closed, self.fleet.wake, 1.0)
 
@@ -132,6 +133,8 @@ class AppConn:
 
     def __init__(self, fleet: "Fleet", app: dict, index: int):
         self.fleet, self.app, self.index = fleet, app, index
+        self.away = False                  # gone for a while on purpose (a deploy of the application)
+        self.back = asyncio.Event()
         self.ready = asyncio.Event()
         self.ws: WS | None = None
         self.connects = 0
@@ -146,9 +149,23 @@ class AppConn:
                                 "n": next(rec.arrivals), "email": u["email"], "status": u["status"],
                                 "seq": u.get("seq")})
 
+    async def leave(self, after: float, duration: float) -> None:
+        """Close cleanly after `after` seconds and stay away `duration`: what it misses meanwhile
+        must wait for it."""
+        await asyncio.sleep(after)
+        self.away, self.back = True, asyncio.Event()
+        if self.ws is not None:
+            await self.ws.close()
+        await asyncio.sleep(duration)
+        self.away = False
+        self.back.set()
+
     async def run(self) -> None:
-        backoff = 0.05
+        backoff = 0.3
         while not self.fleet.stopping:
+            if self.away:
+                await _either(self.back, self.fleet.stop_event, None)
+                continue
             node = self.fleet.pick_node()
             try:
                 self.ws = ws = await WS.open(node.ws, "/" + self.app["app_id"], self._on_push, self._push)
@@ -157,7 +174,7 @@ class AppConn:
                     raise Gone(f"key refused: {answer}")
                 self.connects += 1
                 self.ready.set()
-                backoff = 0.05
+                backoff = 0.3
                 await _either(ws.closed, self.fleet.stop_event, None)
             except Gone:
                 pass
@@ -165,8 +182,9 @@ class AppConn:
                 self.ready.clear()
                 if self.ws is not None:
                     self.ws.abort()
+            # applications reconnect less eagerly than devices: changes meanwhile must wait for them
             await asyncio.sleep(backoff * (0.5 + self.fleet.rng.random()))
-            backoff = min(backoff * 2, 1.0)
+            backoff = min(backoff * 2, 2.0)
 
 
 class Poster:
@@ -196,7 +214,7 @@ class Poster:
                     break
                 await asyncio.sleep(0.3)
             self.busy = False
-            await _either(self.fleet.stop_event, self.fleet.wake, rng.uniform(0.2, 0.6))
+            await _either(self.fleet.stop_event, self.fleet.wake, rng.uniform(0.1, 0.4))
 
     async def _send(self, email: str, text: str) -> str:
         item = [{"uid": self.app["uids"][email], "message": text}]
@@ -252,13 +270,23 @@ class Fleet:
         """Traffic on: statuses and notifications flow, and a few devices leave (parked) or come
         back. Off: only reconnections."""
         if on:
-            for d in self.devices:
-                d.parked = self.rng.random() < 0.1
+            for d in self.devices:  # the parked come back; a few others leave at some moment
+                d.parked = False
+                if self.rng.random() < 0.15:
+                    self.tasks.append(asyncio.create_task(self._park(d, self.rng.uniform(0, 6))))
+            for c in (c for cs in self.conns.values() for c in cs):
+                if self.rng.random() < 0.4:
+                    self.tasks.append(asyncio.create_task(c.leave(self.rng.uniform(0, 3), self.rng.uniform(1, 3))))
             self.traffic.set()
         else:
             self.traffic.clear()
         self.wake.set()
         self.wake = asyncio.Event()
+
+    async def _park(self, device: Device, after: float) -> None:
+        await _either(self.stop_event, self.stop_event, after)
+        if self.traffic.is_set():
+            device.parked = True
 
     def live_devices(self) -> list[Device]:
         return [d for d in self.devices if not d.parked]
@@ -266,7 +294,7 @@ class Fleet:
     def settled(self) -> bool:
         return (all(d.ready.is_set() and not d.busy for d in self.live_devices())
                 and not any(d.ws is not None and not d.ws.closed.is_set() for d in self.devices if d.parked)
-                and all(c.ready.is_set() for cs in self.conns.values() for c in cs)
+                and all(c.ready.is_set() and not c.away for cs in self.conns.values() for c in cs)
                 and not any(p.busy for p in self.posters))
 
     def reconnects(self) -> int:
