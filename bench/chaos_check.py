@@ -109,6 +109,9 @@ def check_notifications(record, live: dict[str, str], truth: dict) -> list[dict]
     for text, sent in record.sent.items():
         attempts = sent["attempts"]
         stored_at_most = sum(a in ("ok", "lost") for a in attempts)
+        if len(ids[text]) > max(stored_at_most, 1):
+            out.append(violation("e", text, f"notification {text!r} came under ids {sorted(ids[text])} "
+                                            f"from {stored_at_most} attempt(s) that may have stored it"))
         if "ok" in attempts:
             if ids[text] & acked:
                 continue  # acknowledged: removed for every device
@@ -123,7 +126,4 @@ def check_notifications(record, live: dict[str, str], truth: dict) -> list[dict]
             where = "received by " + ", ".join(sorted(got[text])) if got[text] else "waiting in the store"
             out.append(violation("d", text, f"notification {text!r} was only ever answered "
                                             f"{'/'.join(sorted(set(attempts)))}, yet it was {where}"))
-        if len(ids[text]) > max(stored_at_most, 1):
-            out.append(violation("e", text, f"notification {text!r} came under ids {sorted(ids[text])} "
-                                            f"from {stored_at_most} attempt(s) that may have stored it"))
     return out
