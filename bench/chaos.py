@@ -44,7 +44,8 @@ def add_parser(sub) -> None:
     c.add_argument("--out", type=Path, default=None, help="write the result as JSON")
     c.add_argument("--keep", action="store_true", help="keep the run directories (node logs, each check's data)")
     c.add_argument("--faults", default=None,
-                   help="only these fault kinds, comma-separated (default: every kind the scenario has)")
+                   help="only these fault kinds, comma-separated (default: every kind the scenario has); "
+                        "'none': traffic and checks without faults, a baseline")
 
 
 def say(line: str) -> None:
@@ -133,7 +134,7 @@ class Scenario:
 
     async def rounds(self, started: float) -> None:
         kinds = tuple(k for k in KINDS[self.name] if not self.o.faults or k in self.o.faults.split(","))
-        if not kinds:
+        if not kinds and self.o.faults != "none":
             raise ValueError(f"--faults {self.o.faults}: none of them applies to scenario {self.name}")
         expected = max(1, int((self.budget - (time.monotonic() - started)) // ROUND_ESTIMATE[self.name]))
         schedule = Schedule(f"{self.o.seed}-{self.name}", kinds, self.node_names, self.t, expected)
@@ -145,7 +146,7 @@ class Scenario:
             number += 1
             t0 = time.monotonic()
             faults = schedule.next_round()
-            say(f"[{self.name}] round {number}: {', '.join(f.describe() for f in faults)}; traffic stops "
+            say(f"[{self.name}] round {number}: {', '.join(f.describe() for f in faults) or 'no fault'}; traffic stops "
                 f"{schedule.tail:g}s after the last")
             self.fleet.set_traffic(True)
             await asyncio.gather(injector.run(faults, sequential=len(self.nodes) == 1), asyncio.sleep(4.0))

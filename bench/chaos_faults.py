@@ -58,7 +58,7 @@ class Schedule:
 
     def next_round(self) -> list[Fault]:
         rng, t = self.rng, self.t
-        count = max(self.per_round, rng.randint(1, 3))
+        count = max(self.per_round, rng.randint(1, 3)) if self.kinds else 0  # no kinds: a baseline
         # traffic stops this soon after the last fault: the recovery itself must then be right,
         # not masked by later changes
         self.tail = round(rng.uniform(0.0, 1.5), 2)
