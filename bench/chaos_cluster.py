@@ -145,11 +145,22 @@ class ChaosNode:
         _LIVE.pop(id(self), None)
 
     def problems(self) -> list[str]:
-        """Tracebacks and errors in the log (each distinct one, with a count)."""
+        """Each distinct error line and traceback's exception in the log, with how often it came."""
         lines = self.log_path.read_text(errors="replace").splitlines() if self.log_path.exists() else []
         seen: dict[str, int] = {}
+        exception: str | None = None      # inside a traceback: its last line so far
         for line in lines:
-            if "#critical]" in line or "#error]" in line or line.strip().startswith("Traceback"):
+            if line.startswith("\tTraceback"):
+                exception = ""
+                continue
+            if exception is not None:
+                if line.startswith("\t") and line.strip():
+                    exception = line.strip() if not line.startswith("\t ") else exception
+                    continue
+                if exception:
+                    seen[exception[:160]] = seen.get(exception[:160], 0) + 1
+                exception = None
+            if "#critical]" in line or "#error]" in line:
                 key = line.split("] ", 1)[-1][:160]
                 seen[key] = seen.get(key, 0) + 1
         return [f"{what} (x{n})" for what, n in sorted(seen.items(), key=lambda kv: -kv[1])[:8]]

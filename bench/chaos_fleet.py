@@ -284,7 +284,7 @@ class Fleet:
         self.wake = asyncio.Event()
 
     async def _park(self, device: Device, after: float) -> None:
-        await _either(self.stop_event, self.stop_event, after)
+        await _either(self.stop_event, self.wake, after)  # or traffic stops first: then it stays
         if self.traffic.is_set():
             device.parked = True
 
