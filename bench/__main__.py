@@ -6,6 +6,7 @@
     python -m bench cross-node --rate 200,500,1000,2000 --seconds 10   # 3 nodes on PostgreSQL (issue 4)
     python -m bench notify --devices 10000       # live notifications on one node (issue 7)
     python -m bench cluster-hold --connections 45000 --nodes 3   # N connections on K nodes (issue 8)
+    python -m bench chaos --seconds 600 --seed 42  # fault injection and the invariants (issue 13)
 
 See bench/__init__.py and docs/performance.md.
 """
@@ -106,6 +107,9 @@ def parser() -> argparse.ArgumentParser:
     from bench.cluster_hold import add_parser as cluster_hold_parser
 
     cluster_hold_parser(sub)
+    from bench.chaos import add_parser as chaos_parser
+
+    chaos_parser(sub)
     t = sub.add_parser("top", help="the hot spots of a py-spy raw profile")
     t.add_argument("profile", type=Path)
     t.add_argument("--limit", type=int, default=25)
@@ -178,6 +182,11 @@ def main(argv: list[str] | None = None) -> None:
         print(top(o.profile, o.limit))
         return
     common.raise_nofile()
+    if o.command == "chaos":
+        from bench.chaos import main as chaos
+
+        chaos(o)
+        return
     if o.command == "cluster-hold":
         from bench.cluster_hold import settle as settle_cluster
 
