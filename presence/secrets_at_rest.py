@@ -74,16 +74,22 @@ class SecretBox:
         if path is None:
             return cls.generate()
         if not os.path.exists(path):
+            # Written whole under another name, then linked into place (which fails if it exists): a
+            # node starting beside this one reads no key or the whole key, never half of one.
             key = base64.urlsafe_b64encode(secrets.token_bytes(32))
+            draft = f"{path}.{secrets.token_hex(8)}.tmp"
+            fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(key + b"\n")
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                os.link(draft, path)
             except FileExistsError:   # another node on this machine made it meanwhile
                 pass
             else:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(key + b"\n")
                 log.info("made a new secrets key in {path}: back it up apart from the database, and copy it to"
                          " every node sharing the database", path=path, event="secrets.key_created")
+            finally:
+                os.unlink(draft)
         try:
             with open(path, "rb") as f:
                 return cls(f.read().strip(), path)

@@ -150,3 +150,30 @@ def test_the_hostile_input_options_have_help_defaults_and_are_in_the_operator_gu
     assert (config.max_body, config.fetch_max_head, config.fetch_max_header_lines) == (1024 * 1024, 16384, 100)
     assert (config.max_assertion_lifetime, config.max_certificate_lifetime, config.clock_skew) == (600, 86400, 120)
     assert (config.login_links_per_client, config.login_links_total, config.client_address_header) == (10, 300, "")
+
+
+def test_nodes_starting_together_on_one_machine_read_one_whole_key(tmp_path):
+    """Several nodes making the default key file at once: each reads the same, whole key."""
+    import threading
+
+    from presence.config import Config
+    from presence.secrets_at_rest import SecretBox
+
+    config = Config(database="postgresql://x@127.0.0.1/db", secrets_key_file=str(tmp_path / "shared.key"))
+    boxes, errors = [], []
+
+    def start() -> None:
+        try:
+            boxes.append(SecretBox.from_config(config))
+        except Exception as e:  # what a node that read half a key would raise
+            errors.append(e)
+
+    threads = [threading.Thread(target=start) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(boxes) == 16
+    sealed = boxes[0].seal("the cookie secret")
+    assert {box.open(sealed, "cookie secret") for box in boxes} == {"the cookie secret"}
+    assert [p.name for p in tmp_path.iterdir()] == ["shared.key"]   # no draft left behind
