@@ -1,6 +1,6 @@
 """The change log's payload: what one logged change carries from its node to the others.
 
-JSON, compact: ``{"u": [[app_id, email, uid, status, at], ...], "q": [queued app ids],
+JSON, compact: ``{"u": [[app_id, email, uid, status, at(, seq)], ...], "q": [queued app ids],
 "x": [{...extra}, ...]}``. Extras carry events that are not status changes, such as a device taken
 over by another node (``{"takeover": [email, device, session]}``); a batch of changes has several.
 """
@@ -14,8 +14,13 @@ from presence.views import Update
 
 
 def encode(updates: Iterable[Update], queued: Iterable[str] = (),
-           extras: Iterable[Mapping[str, Any]] = ()) -> str:
-    body: dict[str, Any] = {"u": [[u.app_id, u.email, u.uid, u.status, u.at] for u in updates]}
+           extras: Iterable[Mapping[str, Any]] = (), keep_seq: bool = False) -> str:
+    """``keep_seq``: each update keeps its own number (a replay of older changes, which must not
+    look newer than what came after them); otherwise they carry the logged change's number."""
+    if keep_seq:
+        body: dict[str, Any] = {"u": [[u.app_id, u.email, u.uid, u.status, u.at, u.seq] for u in updates]}
+    else:
+        body = {"u": [[u.app_id, u.email, u.uid, u.status, u.at] for u in updates]}
     queued = sorted(queued)
     if queued:
         body["q"] = queued
@@ -28,5 +33,5 @@ def encode(updates: Iterable[Update], queued: Iterable[str] = (),
 def decode(payload: str, seq: int = 0) -> tuple[list[Update], frozenset[str], list[dict[str, Any]]]:
     """The updates carry ``seq``, the number of the logged change they came in."""
     body = json.loads(payload)
-    updates = [Update(*item, seq) for item in body.get("u", [])]
+    updates = [Update(*item) if len(item) > 5 else Update(*item, seq) for item in body.get("u", [])]
     return updates, frozenset(body.get("q", [])), body.get("x", [])

@@ -99,7 +99,8 @@ class Cluster:
 
     def _reaped(self, reaped: Reaped) -> None:
         self.hub.publish(reaped.changes)
+        self.hub.streams.publish(reaped.replayed, reaped.queued)
         self.reaped.append(reaped.node)
         log.info("cleaned up after node {dead}: {people} people offline, {apps} applications taken over, "
-                 "{missed} changes it may not have delivered handed on", dead=reaped.node, people=reaped.people,
-                 apps=len(reaped.apps), missed=reaped.handed, event="cluster.reaped")
+                 "{missed} updates it may not have delivered replayed", dead=reaped.node, people=reaped.people,
+                 apps=len(reaped.apps), missed=len(reaped.replayed), event="cluster.reaped")

@@ -360,3 +360,41 @@ async def test_every_transition_arrives_in_order_across_a_lost_listen_connection
         for node in nodes:
             await node.stop()
         await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reaping_replays_what_the_dead_node_had_not_delivered_with_its_own_numbers(database_url):
+    """Changes after a dead node's delivered mark reach its applications: logged again (every node's
+    connections get what they lack, at their original number) and queued where nobody holds them."""
+    store = open_store(database_url)
+    await store.open()
+    try:
+        shared, _ = await new_app(store, "p@x")      # also held by a live node
+        alone, _ = await new_app(store, "p@x")       # held by the dead node only
+        now = await store.now()
+        await store.register_node("dead", now - 100, 0)
+        await store.register_node("live", now, 0)
+        await store.register_node("reaper", now, 0)
+        for node, app in (("dead", shared), ("live", shared), ("dead", alone)):
+            await store.subscribe(node, app.app_id)
+
+        def put(devices):
+            devices["phone"] = Device("p@x", "phone", "live", "online", 1.0, "s")
+        change = await store.change_person("p@x", put, "live", 1.0)
+        assert change.queued == frozenset()          # both held: delivered live, nothing waits
+
+        reaped = await store.reap_node("reaper", 2.0, before=now - 30)
+        assert reaped.node == "dead" and reaped.apps == sorted([shared.app_id, alone.app_id])
+        assert sorted((u.app_id, u.status, u.seq) for u in reaped.replayed) == sorted(
+            [(shared.app_id, "online", change.seq), (alone.app_id, "online", change.seq)])
+        assert reaped.queued == {alone.app_id}
+        assert [(u.status, u.seq) for u in await store.take_pending(alone.app_id, 0)] == [("online", change.seq)]
+        assert await store.take_pending(shared.app_id, 0) == []
+        logged = (await store.changes_since(change.seq))[-1]
+        assert logged.seq > change.seq
+        from presence import changelog
+        updates, queued, _ = changelog.decode(logged.payload, logged.seq)
+        assert {u.seq for u in updates} == {change.seq} and queued == {alone.app_id}
+        assert await store.reap_node("reaper", 3.0, before=now - 30) is None   # once
+    finally:
+        await store.close()

@@ -139,7 +139,8 @@ class Reaped:
     people: int                  # people who had devices on it (now offline there)
     apps: list[str]              # applications it held
     changes: list[PersonChange]  # the offline changes, for the reaper to publish
-    handed: int                  # updates it may not have delivered, now waiting for their applications
+    replayed: list["Update"]     # what it may not have delivered (logged again, with their own numbers)
+    queued: frozenset[str]       # of those, the applications no live node holds: waiting for them
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import Callable, Container, Mapping
 
 from presence import changelog, views
 from presence.store.base import Device, LoggedChange, NodeFenced, PersonChange, PersonStatus, Reaped
+from presence.views import Update
 from presence.store.rows import DEVICE_COLUMNS, IN_BATCH, _device, _device_row, _in, _record
 
 # Changes read per statement when a reaper looks for what a dead node may not have delivered.
@@ -279,22 +280,26 @@ class ChangeQueries:
         drop = _without_node(dead)
         changes = yield from self._change([(email, drop, None) for (email,) in rows], reaper, now, held, True) \
             if rows else iter(())
-        handed = 0
+        replayed: list[Update] = []
+        queued: frozenset[str] = frozenset()
         if missed:
-            # Waiting only for the applications no live node holds: a node that holds one delivered
-            # these from the log itself. The queue keeps the newer by number, so an older missed
-            # update never replaces the offline one just queued.
+            # Logged again with their own numbers, so every node's connections of those applications
+            # get what they lack (a node drops what is older than what it sent: at worst a duplicate
+            # with the same number), and queued for the applications no live node holds. The queue
+            # keeps the newer by number: an older missed update never replaces the offline one.
             missing_apps = sorted({app_id for app_id, _ in missed})
             subscribed: set[str] = set()
             for start in range(0, len(missing_apps), IN_BATCH):
                 part = missing_apps[start:start + IN_BATCH]
                 found = yield f"SELECT DISTINCT app_id FROM subscriptions WHERE app_id IN {_in(part)}", tuple(part)
                 subscribed.update(row[0] for row in found)
-            waiting = [row for (app_id, _), row in missed.items() if app_id not in subscribed and app_id not in held]
+            queued = frozenset(app_id for app_id in missing_apps if app_id not in subscribed and app_id not in held)
+            waiting = [row for (app_id, _), row in missed.items() if app_id in queued]
             if waiting:
                 yield from self._queue(waiting)
-            handed = len(waiting)
-        return Reaped(dead, len(rows), sorted(apps), list(changes or []), handed)
+            replayed = sorted((Update(*row) for row in missed.values()), key=lambda u: u.seq)
+            yield from self._log(reaper, now, changelog.encode(replayed, queued, keep_seq=True))
+        return Reaped(dead, len(rows), sorted(apps), list(changes or []), replayed, queued)
 
     async def subscribe(self, node: str, app_id: str) -> None:
         await self._execute(
