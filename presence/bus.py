@@ -97,11 +97,12 @@ class ChangeFeed:
             while True:
                 self._again = False
                 changes = await self.store.changes_since(self.last, self.batch)
-                if changes and changes[0].seq != self.last + 1:
+                if changes and changes[0].numbers.start != self.last + 1:
                     # Numbers have no gaps (commit order, one counter): the log was trimmed past us.
+                    first = changes[0].numbers.start
                     log.error("the change log was trimmed past what this node read (changes {first} to {last} are "
-                              "gone)", first=self.last + 1, last=changes[0].seq - 1, event="bus.gap")
-                    self.on_gap(self.last, changes[0].seq)
+                              "gone)", first=self.last + 1, last=first - 1, event="bus.gap")
+                    self.on_gap(self.last, first)
                     return
                 for change in changes:
                     try:

@@ -871,7 +871,7 @@ async def test_log_change_and_changes_since(store):
     assert await store.last_change() == 7
 
     logged = await store.changes_since(0)
-    assert logged == [LoggedChange(i, f"node{i % 2}", float(i * 10), payloads[i - 1]) for i in range(1, 8)]
+    assert logged == [LoggedChange(i, f"node{i % 2}", float(i * 10), payloads[i - 1], i) for i in range(1, 8)]
     assert all(isinstance(c.seq, int) and isinstance(c.at, float) for c in logged)
     assert [c.seq for c in await store.changes_since(0, limit=3)] == [1, 2, 3]
     assert [c.seq for c in await store.changes_since(3, limit=3)] == [4, 5, 6]
@@ -1384,12 +1384,14 @@ async def test_a_batch_of_changes_is_one_transaction_and_one_logged_change(store
     ], "node1", 7.0)
     assert [[(u.email, u.status) for u in c.updates] for c in changes] == [
         [("p@x", "online")], [("q@x", "unavailable")], [("p@x", "offline")], []]
-    assert [c.seq for c in changes] == [seq + 1, seq + 1, seq + 1, None]
+    # a number for each change of the batch (one number, one content), all in one row of the log
+    assert [c.seq for c in changes] == [seq + 1, seq + 2, seq + 3, None]
     assert [c.devices for c in changes][2] == {"phone": dev("p@x", "phone", "offline")}
     logged = await store.changes_since(seq)
-    assert len(logged) == 1
-    updates, queued, extras = changelog.decode(logged[0].payload)
-    assert [(u.email, u.status) for u in updates] == [("p@x", "online"), ("q@x", "unavailable"), ("p@x", "offline")]
+    assert len(logged) == 1 and logged[0].numbers == range(seq + 1, seq + 5)
+    updates, queued, extras = changelog.decode(logged[0].payload, logged[0].seq)
+    assert [(u.email, u.status, u.seq) for u in updates] == [
+        ("p@x", "online", seq + 1), ("q@x", "unavailable", seq + 2), ("p@x", "offline", seq + 3)]
     assert extras == [{"takeover": ["q@x", "laptop", "s1"]}]
     # the final state is what was written, and the waiting queue kept the newest per person
     assert [d.status for d in await store.list_devices("p@x")] == ["offline"]

@@ -106,10 +106,15 @@ class Queued:
 
 @dataclass(frozen=True)
 class LoggedChange:
-    seq: int
+    seq: int                     # its last number (a group commit's changes have one number each)
     origin: str                  # the node that made it
     at: float
-    payload: str                 # JSON, see presence.bus
+    payload: str                 # JSON, see presence.changelog
+    first: int = 0               # its first number (0: the same as seq)
+
+    @property
+    def numbers(self) -> range:
+        return range(self.first or self.seq, self.seq + 1)
 
 
 @dataclass(frozen=True)

@@ -104,11 +104,15 @@ class ChangeQueries:
         yield from self._write_devices(initial, devices, now)
         updates = [u for person_updates, _ in results for u in person_updates]
         queued: frozenset[str] = frozenset()
-        seq = None
+        first = last = None
         if updates or extras:
-            seq = yield from self._next_seq()
-            for u in updates:
-                u.seq = seq
+            # A number for every change of the batch, in order: two transitions of one person
+            # committed together still differ, and one number always means one content.
+            last = yield from self._next_seq(len(changes))
+            first = last - len(changes) + 1
+            for i, (person_updates, _) in enumerate(results):
+                for u in person_updates:
+                    u.seq = first + i
         if updates:
             # Only membership tests on ``held`` (the caller's live dict, read from the store's
             # thread on SQLite: atomic under the GIL; an application that just left is caught
@@ -120,14 +124,15 @@ class ChangeQueries:
                 rows = yield f"SELECT DISTINCT app_id FROM subscriptions WHERE app_id IN {_in(part)}", tuple(part)
                 subscribed.update(row[0] for row in rows)
             queued = frozenset(app_ids) - subscribed
-            waiting = [(u.app_id, u.email, u.uid, u.status, u.at, seq) for u in updates if u.app_id in queued]
+            waiting = [(u.app_id, u.email, u.uid, u.status, u.at, u.seq) for u in updates if u.app_id in queued]
             if waiting:
                 yield from self._queue(waiting)
-        if seq is not None:
-            yield from self._append(seq, node, now, changelog.encode(updates, queued, extras))
+        if last is not None:
+            yield from self._append(first, last, node, now,
+                                    changelog.encode(updates, queued, extras, keep_seq=first != last))
         return [PersonChange(person_updates, queued & {u.app_id for u in person_updates},
-                             seq if person_updates or extra else None, after)
-                for (person_updates, after), extra in zip(results, logged_extras)]
+                             first + i if person_updates or extra else None, after)
+                for i, ((person_updates, after), extra) in enumerate(zip(results, logged_extras))]
 
     def _write_devices(self, initial: dict, final: dict, now: float):
         """Each person's final devices, written once: deletes, one multi-row upsert, and the overall
@@ -160,21 +165,24 @@ class ChangeQueries:
             )
 
     # -- the change log --------------------------------------------------------------------------------
-    def _next_seq(self):
-        # The counter's row stays locked until commit, so numbers are taken in commit order, with no
-        # gaps (a transaction rolled back gives its number back): a node that has seen change N has
-        # seen every change before it, and a gap means the log was trimmed past it.
-        rows = yield "UPDATE bus SET seq = seq + 1 WHERE id = 1 RETURNING seq", ()
+    def _next_seq(self, count: int = 1):
+        """Take ``count`` numbers; returns the last. The counter's row stays locked until commit, so
+        numbers are taken in commit order, with no gaps (a transaction rolled back gives its numbers
+        back): a node that has seen number N has seen every one before it, and a gap means the log
+        was trimmed past it."""
+        rows = yield "UPDATE bus SET seq = seq + ? WHERE id = 1 RETURNING seq", (count,)
         return int(rows[0][0])
 
-    def _append(self, seq: int, origin: str, now: float, payload: str):
-        yield "INSERT INTO changes (seq, origin, at, payload) VALUES (?, ?, ?, ?)", (seq, origin, now, payload)
+    def _append(self, first: int, last: int, origin: str, now: float, payload: str):
+        """One row of the log holds numbers ``first`` to ``last`` (a group commit's changes)."""
+        yield ("INSERT INTO changes (seq, first, origin, at, payload) VALUES (?, ?, ?, ?, ?)",
+               (last, first, origin, now, payload))
         if self.notify:
-            yield self.notify, (str(seq),)
+            yield self.notify, (str(last),)
 
     def _log(self, origin: str, now: float, payload: str):
         seq = yield from self._next_seq()
-        yield from self._append(seq, origin, now, payload)
+        yield from self._append(seq, seq, origin, now, payload)
         return seq
 
     async def log_change(self, origin: str, now: float, payload: str) -> int:
@@ -182,8 +190,8 @@ class ChangeQueries:
 
     async def changes_since(self, seq: int, limit: int = 1000) -> list[LoggedChange]:
         rows = await self._query(
-            "SELECT seq, origin, at, payload FROM changes WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))
-        return [LoggedChange(int(s), origin, float(at), payload) for s, origin, at, payload in rows]
+            "SELECT seq, origin, at, payload, first FROM changes WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))
+        return [LoggedChange(int(s), origin, float(at), payload, int(first)) for s, origin, at, payload, first in rows]
 
     async def last_change(self) -> int:
         rows = await self._query("SELECT seq FROM bus WHERE id = 1")

@@ -6,3 +6,6 @@
 -- A fresh database is made with v4.sql and then this script: the full schema is v4.sql plus this.
 ALTER TABLE nodes ADD COLUMN label text NOT NULL DEFAULT '';
 ALTER TABLE pending ADD COLUMN seq bigint NOT NULL DEFAULT 0;
+-- A logged change holds the numbers first..seq: a group commit's changes get one number each.
+ALTER TABLE changes ADD COLUMN first bigint NOT NULL DEFAULT 0;
+UPDATE changes SET first = seq;
