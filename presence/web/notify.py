@@ -76,9 +76,10 @@ class NotificationEndpoint(Resource):
         key = _bearer(request)
         if key is None:
             raise PresenceError(errors.BAD_FIELD, "send the API key as Authorization: Bearer <key>")
-        app = await self.node.apps.authenticate(self.app_id, key)
+        # Read before the first wait: a client that gives up meanwhile takes its body with it.
         length = request.getHeader("content-length")
         data = request.content.read(MAX_BODY + 1)
+        app = await self.node.apps.authenticate(self.app_id, key)
         if (length and length.isdigit() and int(length) > MAX_BODY) or len(data) > MAX_BODY:
             raise PresenceError(errors.BATCH_TOO_LARGE, f"the body may have at most {MAX_BODY} bytes")
         try:
