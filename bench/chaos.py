@@ -43,6 +43,9 @@ def add_parser(sub) -> None:
     c.add_argument("--apps", type=int, default=3, help="applications, granted by subsets of the people (default 3)")
     c.add_argument("--out", type=Path, default=None, help="write the result as JSON")
     c.add_argument("--keep", action="store_true", help="keep the run directories (node logs, each check's data)")
+    c.add_argument("--per-round", type=int, default=None,
+                   help="faults per round (default 1-3, more if the run is too short for every kind to come up); "
+                        "a long run uses more, e.g. 10, to inject hundreds of each kind")
     c.add_argument("--faults", default=None,
                    help="only these fault kinds, comma-separated (default: every kind the scenario has); "
                         "'none': traffic and checks without faults, a baseline")
@@ -137,7 +140,7 @@ class Scenario:
         if not kinds and self.o.faults != "none":
             raise ValueError(f"--faults {self.o.faults}: none of them applies to scenario {self.name}")
         expected = max(1, int((self.budget - (time.monotonic() - started)) // ROUND_ESTIMATE[self.name]))
-        schedule = Schedule(f"{self.o.seed}-{self.name}", kinds, self.node_names, self.t, expected)
+        schedule = Schedule(f"{self.o.seed}-{self.name}", kinds, self.node_names, self.t, expected, self.o.per_round)
         injector = Injector(self.nodes, self.pg, say)
         seen: set[str] = set()
         length = ROUND_ESTIMATE[self.name]
@@ -225,7 +228,8 @@ class Scenario:
 
 def replay(o: argparse.Namespace, scenario: str) -> str:
     return (f"python -m bench chaos --seed {o.seed} --scenario {scenario} --seconds {o.seconds:g} "
-            f"--people {o.people} --apps {o.apps}")
+            f"--people {o.people} --apps {o.apps}" + (f" --per-round {o.per_round}" if o.per_round else "")
+            + (f" --faults {o.faults}" if o.faults else ""))
 
 
 def table(results: list[dict], o: argparse.Namespace) -> str:

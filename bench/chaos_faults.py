@@ -6,7 +6,8 @@ PostgreSQL.
     pause      SIGSTOP a node past --node-timeout (sometimes past --log-retention), then SIGCONT
     dbconn     pg_terminate_backend of one node's connections (its pool and its LISTEN connection)
     dbrestart  restart the private PostgreSQL (fast: clean, or immediate: as after a crash)
-    skew       restart a node with its wall clock off by up to 2 s (libfaketime), then without
+    skew       restart a node with its wall clock off by up to 2 s (libfaketime); it keeps that clock
+               until its next skew fault (which may bring it back near 0)
 """
 
 from __future__ import annotations
@@ -43,11 +44,13 @@ class Schedule:
     kind comes up before any comes twice; a round holds enough faults that a run of `rounds`
     expected rounds meets every kind at least once."""
 
-    def __init__(self, seed: str, kinds: tuple[str, ...], nodes: list[str], timings: Timings, rounds: int):
+    def __init__(self, seed: str, kinds: tuple[str, ...], nodes: list[str], timings: Timings, rounds: int,
+                 per_round: int | None = None):
         self.rng = random.Random(seed)
         self.kinds, self.nodes, self.t = kinds, nodes, timings
         self.deck: list[str] = []
         self.per_round = max(1, math.ceil(len(kinds) / max(rounds, 1)))
+        self.exact = per_round        # a fixed number of faults per round (a long run's density)
         self.tail = 0.0
 
     def _kind(self) -> str:
@@ -58,7 +61,7 @@ class Schedule:
 
     def next_round(self) -> list[Fault]:
         rng, t = self.rng, self.t
-        count = max(self.per_round, rng.randint(1, 3)) if self.kinds else 0  # no kinds: a baseline
+        count = (self.exact or max(self.per_round, rng.randint(1, 3))) if self.kinds else 0  # none: a baseline
         # traffic stops this soon after the last fault: the recovery itself must then be right,
         # not masked by later changes
         self.tail = round(rng.uniform(0.0, 1.5), 2)
@@ -76,8 +79,8 @@ class Schedule:
             elif kind == "dbrestart":
                 params = {"mode": rng.choice(("fast", "immediate")), "down": round(rng.uniform(0.2, 1.5), 2)}
             elif kind == "skew":
-                offset = rng.uniform(0.5, min(2.0, t.node_timeout - 0.5)) * rng.choice((-1, 1))
-                params = {"offset": round(offset, 2), "hold": round(rng.uniform(2.0, 4.0), 2)}
+                offset = rng.uniform(0.0, min(2.0, t.node_timeout - 0.5)) * rng.choice((-1, 1))
+                params = {"offset": round(offset, 2)}
             else:
                 params = {}
             faults.append(Fault(kind, node, at, params))
@@ -130,11 +133,7 @@ class Injector:
                     await self.pg.terminate(node.name)
             elif fault.kind == "skew":
                 await node.stop()
-                node.start(p["offset"])
-                await node.ready()
-                await asyncio.sleep(p["hold"])  # traffic flows while the clocks disagree
-                await node.stop()
-                node.start(0.0)
+                node.start(p["offset"])       # kept until this node's next skew: clocks disagree meanwhile
                 await node.ready()
             else:
                 raise ValueError(f"unknown fault {fault.kind}")

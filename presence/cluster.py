@@ -63,7 +63,13 @@ class Cluster:
         await self.store.register_node(self.node, await self.store.now(), await self.delivered(), self.label)
 
     async def leave(self) -> None:
-        await self.store.forget_node(self.node)
+        """A clean stop: reap this node itself, in one transaction, so whatever the stop could not
+        clear (devices, if the store failed meanwhile) goes with the registration; if this fails too,
+        the node stays registered and is reaped later, by a survivor or by its own next start."""
+        reaped = await self.store.reap_node(self.node, self.clock.seconds(), node=self.node)
+        if reaped is not None:
+            self.hub.publish(reaped.changes)
+            self.hub.streams.publish(reaped.replayed, reaped.queued)
 
     async def reap_predecessors(self) -> None:
         """At start (and rejoin): this node's earlier incarnations are dead, whatever their heartbeat

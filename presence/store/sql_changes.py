@@ -253,14 +253,19 @@ class ChangeQueries:
 
         Which node: the longest silent one whose heartbeat (on the database's clock) is older than
         ``before``; or, with ``label``, any earlier incarnation of that node name (a node restarting
-        under its name reaps its predecessors at once). Its registry row and subscriptions go, its
-        devices go offline (logged and queued like any change, made by ``reaper``), and what it may not
-        have delivered to the applications it held — logged after the last change it said it had
-        delivered — waits for them unless another node holds them."""
-        return await self._transaction(self._reap(reaper, now, before, label, held))
+        under its name reaps its predecessors at once); or, with ``node``, that one (``reaper`` itself:
+        a clean stop leaves this way, so a stop cut short leaves it registered). Its registry row and
+        subscriptions go, its devices go offline (logged and queued like any change, made by
+        ``reaper``), and what it may not have delivered to the applications it held — logged after the
+        last change it said it had delivered — is logged again and waits for the applications no
+        other node holds."""
+        return await self._transaction(self._reap(reaper, now, before, label, held, node))
 
-    def _reap(self, reaper: str, now: float, before: float | None, label: str | None, held: Container[str]):
-        if label is not None:
+    def _reap(self, reaper: str, now: float, before: float | None, label: str | None, held: Container[str],
+              node: str | None):
+        if node is not None:
+            rows = yield "DELETE FROM nodes WHERE name = ? RETURNING name, last_applied", (node,)
+        elif label is not None:
             rows = yield ("DELETE FROM nodes WHERE name = (SELECT name FROM nodes WHERE label = ? AND name <> ?"
                           " ORDER BY heartbeat_at LIMIT 1) RETURNING name, last_applied", (label, reaper))
         else:
@@ -286,7 +291,8 @@ class ChangeQueries:
                 break
         rows = yield "SELECT DISTINCT email FROM devices WHERE node = ? ORDER BY email", (dead,)
         drop = _without_node(dead)
-        changes = yield from self._change([(email, drop, None) for (email,) in rows], reaper, now, held, True) \
+        fence = dead != reaper   # a node leaving has just deleted its own row
+        changes = yield from self._change([(email, drop, None) for (email,) in rows], reaper, now, held, fence) \
             if rows else iter(())
         replayed: list[Update] = []
         queued: frozenset[str] = frozenset()
