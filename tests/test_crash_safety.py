@@ -398,3 +398,26 @@ async def test_reaping_replays_what_the_dead_node_had_not_delivered_with_its_own
         assert await store.reap_node("reaper", 3.0, before=now - 30) is None   # once
     finally:
         await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_clean_stop_that_could_not_clear_its_devices_leaves_no_ghost(database_url):
+    """A stop whose store failed while it marked its devices offline (hub.stop logs it and goes on)
+    must not leave the registry with those devices still recorded: nobody would reap them."""
+    store = open_store(database_url)
+    await store.open()
+    try:
+        app, _ = await new_app(store, "alice@example.com")
+        leaving = survivor(store, "n#1")
+        await leaving.join()
+
+        def online(devices):
+            devices["phone"] = Device("alice@example.com", "phone", "n#1", "online", 1.0, "s")
+        await store.change_person("alice@example.com", online, "n#1", 1.0)
+        await leaving.leave()              # what stop does after hub.stop, whether or not that worked
+        assert await store.emails_on_node("n#1") == []
+        assert (await store.get_status("alice@example.com")).status == "offline"
+        assert [u.status for u in await store.take_pending(app.app_id, 0)] == ["offline"]
+        assert await store.heartbeat("n#1", 2.0, 0) is False
+    finally:
+        await store.close()

@@ -247,7 +247,7 @@ class ChangeQueries:
         return (rows[0][0], int(rows[0][1])) if rows else None
 
     async def reap_node(self, reaper: str, now: float, before: float | None = None, label: str | None = None,
-                        held: Container[str] = ()) -> Reaped | None:
+                        held: Container[str] = (), node: str | None = None) -> Reaped | None:
         """Clean up after one dead node, all of it in one transaction: a reaper that dies or loses the
         database halfway leaves the dead node registered, to be reaped again (idempotent, resumable).
 
