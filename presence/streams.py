@@ -43,15 +43,18 @@ def encode(updates: Iterable[Update]) -> bytes:
         + ',"at":' + repr(round(u.at, 3)) + ',"seq":' + str(u.seq) + "}" for u in updates]) + "]").encode("ascii")
 
 
-def encode_lists(updates: list[Update], limit: int) -> list[bytes]:
-    """The updates as one list, or as several lists of at most ``limit`` bytes each: a peer refuses
-    larger messages (and Autobahn refuses to send them), which would lose what was taken from the
-    waiting queue."""
+def encode_parts(updates: list[Update], limit: int) -> list[tuple[bytes, list[Update]]]:
+    """The updates as one list, or as several lists of at most ``limit`` bytes each (a peer refuses
+    larger messages, which would lose what was taken from the waiting queue), each with its updates."""
     payload = encode(updates)
     if len(payload) <= limit or len(updates) == 1:
-        return [payload]
+        return [(payload, updates)]
     half = len(updates) // 2
-    return encode_lists(updates[:half], limit) + encode_lists(updates[half:], limit)
+    return encode_parts(updates[:half], limit) + encode_parts(updates[half:], limit)
+
+
+def encode_lists(updates: list[Update], limit: int) -> list[bytes]:
+    return [payload for payload, _ in encode_parts(updates, limit)]
 
 
 class Sink(Protocol):
@@ -145,11 +148,18 @@ class Subscriber:
         return left
 
     def _drain(self) -> None:
+        """Send the backlog list by list while the socket takes it: once it is full (paused), what is
+        left stays in the backlog, bounded by ``limit``, instead of piling up in the socket's buffer
+        (a waiting queue of 100,000 people would be megabytes there)."""
         if self.backlog and not self.closed:
             updates = sorted(self.backlog.values(), key=lambda u: u.seq)
             self.backlog = {}
-            for payload in encode_lists(updates, self.max_message):
+            parts = encode_parts(updates, self.max_message)
+            for i, (payload, _) in enumerate(parts):
                 self.sink.send(payload)
+                if self.paused or self.closed:
+                    _merge(self.backlog, [u for _, rest in parts[i + 1:] for u in rest])
+                    return
 
     def _cancel_stall(self) -> None:
         if self._stall is not None and self._stall.active():

@@ -444,3 +444,25 @@ def test_encode_writes_exactly_what_json_dumps_would():
     assert encode([]) == b"[]"
     assert json.loads(encode(updates))[1]["email"] == 'q"\\\u00e9\u2603@x'
     assert not math.isnan(json.loads(encode(updates))[0]["at"])
+
+
+def test_a_large_backlog_goes_out_while_the_socket_takes_it_and_waits_when_it_is_full():
+    """What waited for an application is sent list by list; once the socket is full (paused) the
+    rest stays in the backlog, not in the socket's buffer, and goes out on resume, in order."""
+    clock = Clock()
+
+    class Filling(ListPeer):
+        def send(self, payload):
+            super().send(payload)
+            if len(self.sent) % 2 == 0:
+                subscriber.pause()          # what the transport does once its buffer is full
+
+    sink = Filling()
+    subscriber = Subscriber("app", sink, clock, 10_000, 30.0, lambda s: None, max_message=1024)
+    waiting = [upd(f"p{i:03}@x", "online", i) for i in range(200)]
+    subscriber.loaded(waiting)
+    assert len(sink.sent) == 2 and subscriber.backlog       # two lists, then the socket was full
+    while subscriber.backlog:
+        subscriber.resume()
+    got = [u["email"] for batch in sink.sent for u in batch]
+    assert got == [u.email for u in waiting]                 # every one, once, in order
