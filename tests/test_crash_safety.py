@@ -12,7 +12,6 @@ import time
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock, deferLater
 
 from presence.apps import Applications
@@ -21,7 +20,8 @@ from presence.cluster import Cluster
 from presence.hub import Hub
 from presence.notifications import Notifier
 from presence.store import Device, StoreUnavailable, open_store
-from presence.streams import Streams, Subscriber
+from presence.streams import Streams
+from presence.subscriber import Subscriber
 from presence.views import Update
 from tests.cluster import AUDIENCE, NodeProcess
 from tests.conftest import _admin
@@ -108,6 +108,19 @@ async def test_a_node_restarted_after_kill_9_hands_its_applications_every_change
 
 
 # -- 2. reaping stops halfway ----------------------------------------------------------------------------
+def each_statement(interaction, before):
+    """The interaction as it is, calling ``before(statement)`` ahead of each of its statements (which
+    may raise: the database fails right there, inside the transaction)."""
+    rows = None
+    while True:
+        try:
+            step = interaction.send(rows)
+        except StopIteration as done:
+            return done.value
+        before(step)
+        rows = yield step
+
+
 class Budget:
     """The store fails (StoreUnavailable) once ``left`` more statements have run: a reaper whose
     database goes away in the middle of its work."""
@@ -124,23 +137,13 @@ class Budget:
         inner_transaction = store._transaction
 
         async def transaction(interaction):
-            return await inner_transaction(self._steps(interaction))
+            return await inner_transaction(each_statement(interaction, lambda step: self.spend()))
         store._transaction = transaction
 
     def spend(self) -> None:
         self.left -= 1
         if self.left < 0:
             raise StoreUnavailable("injected: the database went away")
-
-    def _steps(self, interaction):
-        rows = None
-        while True:
-            try:
-                step = interaction.send(rows)
-            except StopIteration as done:
-                return done.value
-            self.spend()
-            rows = yield step
 
 
 def survivor(store, name: str) -> Cluster:
@@ -220,18 +223,12 @@ async def test_a_notification_answered_unavailable_was_not_stored(database_url):
         notifier = Notifier(store, hub, clock, "n")
         inner = store._transaction
 
+        def logging_fails(step):
+            if "INSERT INTO changes" in step[0]:
+                raise StoreUnavailable("injected: the database went away")
+
         async def no_log(interaction):
-            def steps():
-                rows = None
-                while True:
-                    try:
-                        step = interaction.send(rows)
-                    except StopIteration as done:
-                        return done.value
-                    if "INSERT INTO changes" in step[0]:
-                        raise StoreUnavailable("injected: the database went away")
-                    rows = yield step
-            return await inner(steps())
+            return await inner(each_statement(interaction, logging_fails))
         store._transaction = no_log
         with pytest.raises(StoreUnavailable):
             await notifier.send(app, [{"uid": uid, "message": "hello"}])

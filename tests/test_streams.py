@@ -7,7 +7,8 @@ from twisted.internet.task import Clock
 
 from presence import errors
 from presence.store import PendingUpdate
-from presence.streams import Streams, Subscriber
+from presence.streams import Streams
+from presence.subscriber import Subscriber
 from presence.views import Update
 from tests.fakes import ListPeer
 
@@ -186,7 +187,7 @@ async def test_a_slow_reader_closed_for_overflow_loses_nothing(sqlite_store):
 
 
 def test_a_large_list_is_split_under_the_message_limit():
-    from presence.streams import encode_lists
+    from presence.subscriber import encode_lists
 
     updates = [upd(f"person{i}@example.com", "online", i) for i in range(1000)]
     payloads = encode_lists(updates, 4096)
@@ -435,7 +436,7 @@ def test_encode_writes_exactly_what_json_dumps_would():
     import json
     import math
 
-    from presence.streams import encode
+    from presence.subscriber import encode
 
     updates = [upd("p@x", "online", 995.123456), upd('q"\\\u00e9\u2603@x', "offline", 1.0, uid="u\n1"),
                upd("r@x", "unavailable", 1700000000.5), Update("app", "s@x", "u", "online", 7)]

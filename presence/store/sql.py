@@ -29,10 +29,7 @@ from presence.store.rows import (  # noqa: F401 (Script, Interaction and PENDING
 )
 from presence.store.sql_changes import ChangeQueries
 from presence.store.sql_web import WebQueries
-from presence.store.base import (
-    ACTIVE, PENDING, VERIFIED, App, Device, Grant, LoggedChange, Notification, PendingUpdate, PersonChange,
-    PersonStatus, Queued,
-)
+from presence.store.base import ACTIVE, PENDING, VERIFIED, App, Grant, Notification, PendingUpdate, Queued
 
 
 class SQLStore(ChangeQueries, WebQueries):

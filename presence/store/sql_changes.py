@@ -15,7 +15,7 @@ Three rules hold by construction here rather than by care in the callers:
 
 from __future__ import annotations
 
-from typing import Callable, Container, Mapping
+from typing import Callable, Container
 
 from presence import changelog, views
 from presence.store.base import Device, LoggedChange, NodeFenced, PersonChange, PersonStatus, Reaped

@@ -10,7 +10,8 @@ from presence import errors
 from presence.apps import Applications
 from presence.errors import PresenceError
 from presence.metrics import Metrics
-from presence.streams import Streams, Subscriber
+from presence.streams import Streams
+from presence.subscriber import Subscriber
 from presence.ws.session import Peer, Session, log
 
 
