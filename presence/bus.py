@@ -56,7 +56,7 @@ class ChangeFeed:
     async def start(self) -> None:
         """Start from the end of the log: a node that just started has no one to tell the past to."""
         self.last = await self.store.last_change()
-        if not self.follow:
+        if not self.follow or self._poll.running:   # (a start retried after the store went away)
             return
         if self.listen_url:
             await self._listen()

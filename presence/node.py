@@ -177,7 +177,7 @@ class Node(Service):
         delay = 1.0
         while True:
             try:
-                await self.store.open()
+                await self._join()
                 break
             except StoreUnavailable as e:
                 if self._stopping:
@@ -188,18 +188,10 @@ class Node(Service):
                 systemd.status(f"waiting for the store ({e}); retrying in {delay:.0f}s")
                 await deferLater(self.reactor, delay, lambda: None)
                 delay = min(delay * 2, 30.0)
-        await self.feed.start()
-        await self.cluster.join()
-        # A crash left devices and subscriptions of an earlier incarnation: clean up after it now.
-        await self.cluster.reap_predecessors()
         self._expiry.start(15, now=True)
         self._heartbeat.start(self.config.heartbeat, now=False)
-        from presence.web.site import WebSite
-
-        self.web = await WebSite.open(self)
         if self._own_verifier:
             self.verifier = make_verifier(self.config, self.reactor, issuer=self.web.issuer)
-        await self.web.start()
         self.web_port = await endpoints.serverFromString(self.reactor, self.config.web).listen(
             limited_site(Front(self, pages=self.web.resource()), self.config.max_body))
         self.ws_port = await endpoints.serverFromString(self.reactor, self.config.ws).listen(self.ws_factory)
@@ -208,6 +200,20 @@ class Node(Service):
         log.info("presence node {node} ready: pages on {web}, websockets on {ws}", node=self.config.node,
                  web=self.config.web, ws=self.config.ws, event="node.ready")
         systemd.ready(f"serving: pages on {self.config.web}, websockets on {self.config.ws}")
+
+    async def _join(self) -> None:
+        """Everything the node needs from the store before it serves, retried whole while the store
+        is away: the database may go away at any step, not only the first."""
+        from presence.web.site import WebSite
+
+        await self.store.open()
+        await self.feed.start()
+        await self.cluster.join()
+        # A crash left devices and subscriptions of an earlier incarnation: clean up after it now.
+        await self.cluster.reap_predecessors()
+        web = await WebSite.open(self)
+        await web.start()
+        self.web = web
 
     def _settle_memory(self) -> None:
         """Keep full garbage collections short: they stop the node while they walk every object.

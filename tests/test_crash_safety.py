@@ -418,3 +418,30 @@ async def test_a_clean_stop_that_could_not_clear_its_devices_leaves_no_ghost(dat
         assert await store.heartbeat("n#1", 2.0, 0) is False
     finally:
         await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_whose_store_goes_away_in_the_middle_of_its_start_still_starts(idp, tmp_path):
+    """The store may go away at any step of the start (here: while cleaning up after the previous
+    incarnation), not only while opening: the node waits and starts once it is back."""
+    from presence.node import Node
+    from tests.test_node_e2e import config
+
+    node = Node(config(idp, tmp_path))
+    reap, failures = node.store.reap_node, []
+
+    async def away_once(*args, **kwargs):
+        if not failures:
+            failures.append(True)
+            raise StoreUnavailable("injected: the database went away")
+        return await reap(*args, **kwargs)
+    node.store.reap_node = away_once
+    node.startService()
+    try:
+        deadline = time.monotonic() + 10
+        while not node.ready:
+            assert time.monotonic() < deadline, "the node never started"
+            await sleep(0.05)
+        assert failures == [True] and node.ws_port is not None
+    finally:
+        await node.stopService()
