@@ -445,3 +445,35 @@ async def test_a_node_whose_store_goes_away_in_the_middle_of_its_start_still_sta
         assert failures == [True] and node.ws_port is not None
     finally:
         await node.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_transaction_cut_by_a_lost_connection_is_one_clear_error_not_a_traceback(postgres_url):
+    """The backend dies in the middle of a transaction (the server restarted, or it was terminated):
+    the caller gets StoreUnavailable, and nothing is logged as an unhandled error."""
+    from twisted.logger import globalLogPublisher
+
+    store = open_store(postgres_url)
+    await store.open()
+    failures: list = []
+
+    def observe(event):
+        if "log_failure" in event or event.get("isError"):   # the new logger's, or log.err's
+            failures.append(event)
+    globalLogPublisher.addObserver(observe)
+    try:
+        def dies():
+            rows = yield "SELECT pg_backend_pid()", ()
+            admin = _admin()            # another session terminates this one, mid-transaction
+            with admin.cursor() as cur:
+                cur.execute("SELECT pg_terminate_backend(%s)", (rows[0][0],))
+            admin.close()
+            yield "SELECT 1", ()
+        with pytest.raises(StoreUnavailable):
+            await store._transaction(dies())
+        await sleep(0.2)
+        assert failures == []
+        assert await store._query("SELECT 2") == [(2,)]        # the next call reconnects
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        await store.close()

@@ -63,6 +63,23 @@ class _Connection(txpostgres.Connection):
                 self.reactor.callLater(0, self.on_lost)
             return error.ConnectionLost(_reason(e))  # the reactor then calls connectionLost
 
+    def _runInteraction(self, interaction, *args, **kwargs):
+        """txpostgres' transaction, except that a rollback failing because the connection is gone
+        (the server restarted, the backend was terminated) is not logged as an unhandled error with
+        a traceback: the transaction died with the connection, and the caller gets RollbackFailed,
+        which the store reports as one clear StoreUnavailable."""
+        cursor = self.cursor()
+        d = cursor.execute("begin")
+        d.addCallback(interaction, *args, **kwargs)
+        d.addCallback(lambda result: cursor.execute("commit").addCallback(lambda _: result))
+
+        def roll_back(failure):
+            undo = defer.maybeDeferred(cursor.execute, "rollback")
+            undo.addErrback(lambda _: defer.fail(txpostgres.RollbackFailed(self, failure)))
+            return undo.addCallback(lambda _: failure)
+
+        return d.addErrback(roll_back)
+
 
 class _Pool(txpostgres.ConnectionPool):
     def __init__(self, reactor, dsn: str, size: int, on_lost: Callable[[_Pool], None]):
