@@ -466,7 +466,8 @@ async def test_a_transaction_cut_by_a_lost_connection_is_one_clear_error_not_a_t
             rows = yield "SELECT pg_backend_pid()", ()
             admin = _admin()            # another session terminates this one, mid-transaction
             with admin.cursor() as cur:
-                cur.execute("SELECT pg_terminate_backend(%s)", (rows[0][0],))
+                cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s AND datname = %s",
+                            (rows[0][0], postgres_url.rsplit("/", 1)[1]))
             admin.close()
             yield "SELECT 1", ()
         with pytest.raises(StoreUnavailable):
