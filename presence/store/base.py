@@ -245,29 +245,35 @@ class Store(Protocol):
         (with ``extra`` fields) to the change log, numbered in commit order."""
 
     async def change_people(self, changes: list[tuple[str, Callable[[dict[str, Device]], None], Mapping | None]],
-                            node: str, now: float, held: Container[str] = ()) -> list[PersonChange]:
+                            node: str, now: float, held: Container[str] = (), fence: bool = False) -> list[PersonChange]:
         """Several (email, mutate, extra) changes as change_person does them, in order, in one
         transaction (group commit), logged as one change; one PersonChange per change.
 
         ``held``: applications the caller holds connections of, so certainly subscribed: the store
-        need not look them up to know they are not queued (a person may have granted thousands)."""
+        need not look them up to know they are not queued (a person may have granted thousands).
+        ``fence``: refuse (NodeFenced) unless ``node`` is registered: a reaped node writes nothing."""
 
     async def emails_on_node(self, node: str) -> list[str]:
         """People with a device record on a node (to clean up after it)."""
 
     # -- the node registry, subscriptions and the change log ---------------------------------------
-    async def register_node(self, node: str, now: float, last_applied: int) -> None:
-        """Upsert this node's row (at start, and again if a survivor reaped it by mistake)."""
+    async def register_node(self, node: str, now: float, last_applied: int, label: str = "") -> None:
+        """Upsert this incarnation's row (``label``: the --node name it runs under)."""
 
     async def heartbeat(self, node: str, now: float, last_applied: int) -> bool:
         """False if the node's row is gone (another node decided it was dead)."""
 
     async def forget_node(self, node: str) -> None:
-        """A clean stop: the node's row and subscriptions go."""
+        """The node's row and subscriptions go (a clean stop reaps itself instead: reap_node)."""
 
-    async def claim_dead_node(self, before: float) -> tuple[str, int] | None:
-        """Atomically take one node whose heartbeat is older than ``before`` out of the registry
-        (so only one survivor handles it); returns its name and the last change it had applied."""
+    async def reap_node(self, reaper: str, now: float, before: float | None = None, label: str | None = None,
+                        held: Container[str] = (), node: str | None = None) -> Reaped | None:
+        """Clean up after one dead node in one transaction (see presence/store/sql_changes.py): the
+        longest silent one with a heartbeat older than ``before``, or an earlier incarnation of
+        ``label``, or ``node`` itself; None if there is none."""
+
+    async def now(self) -> float:
+        """The database's clock: heartbeats are written and compared on it, never on a node's."""
 
     async def subscribe(self, node: str, app_id: str) -> None:
         """This node holds connections of the application (idempotent)."""
@@ -298,10 +304,11 @@ class Store(Protocol):
 
     # -- live notifications -------------------------------------------------------------------
     async def queue_notifications(self, app_id: str, items: list[tuple[str, str, str | None]], now: float,
-                                  limit: int) -> list[Queued | None]:
+                                  limit: int, origin: str | None = None) -> list[Queued | None]:
         """Queue (uid, message, action) items for the people behind the application's uids, in one
         transaction; a queue longer than ``limit`` loses its oldest items. An item whose uid has no
-        grant (never granted, or revoked) gets None and stores nothing."""
+        grant (never granted, or revoked) gets None and stores nothing. With ``origin``, the queued
+        items are logged for the other nodes' devices in the same transaction."""
 
     async def pending_notifications(self, email: str, not_before: float) -> list[Notification]:
         """Everything waiting for a person (every application), oldest first; older than

@@ -238,14 +238,6 @@ class ChangeQueries:
 
         await self._transaction(interaction())
 
-    async def claim_dead_node(self, before: float) -> tuple[str, int] | None:
-        # One statement: of several survivors, exactly one gets the row.
-        rows = await self._query(
-            "DELETE FROM nodes WHERE name = (SELECT name FROM nodes WHERE heartbeat_at < ?"
-            " ORDER BY heartbeat_at LIMIT 1) AND heartbeat_at < ? RETURNING name, last_applied",
-            (before, before))
-        return (rows[0][0], int(rows[0][1])) if rows else None
-
     async def reap_node(self, reaper: str, now: float, before: float | None = None, label: str | None = None,
                         held: Container[str] = (), node: str | None = None) -> Reaped | None:
         """Clean up after one dead node, all of it in one transaction: a reaper that dies or loses the
