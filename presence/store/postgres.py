@@ -127,7 +127,7 @@ class PostgresStore(SQLStore):
     person_lock = ("SELECT count(pg_advisory_xact_lock(1, h)) FROM"
                    " (SELECT DISTINCT hashtext(e) AS h FROM unnest(?::text[]) AS e ORDER BY h) AS keys")
     notify = "SELECT pg_notify('presence', ?)"
-    fence_lock = " FOR SHARE"
+    fence_lock = " FOR KEY SHARE"   # a reaper's DELETE waits for it; a heartbeat's UPDATE does not
     clock_sql = "extract(epoch from clock_timestamp())"
 
     def __init__(self, url: str, reactor=None, pool_size: int = 3, connect_timeout: float = 10.0):
