@@ -68,8 +68,7 @@ class Cluster:
         the node stays registered and is reaped later, by a survivor or by its own next start."""
         reaped = await self.store.reap_node(self.node, self.clock.seconds(), node=self.node)
         if reaped is not None:
-            self.hub.publish(reaped.changes)
-            self.hub.streams.publish(reaped.replayed, reaped.queued)
+            self._publish(reaped)
 
     async def reap_predecessors(self) -> None:
         """At start (and rejoin): this node's earlier incarnations are dead, whatever their heartbeat
@@ -104,9 +103,14 @@ class Cluster:
             self._reaped(reaped)
 
     def _reaped(self, reaped: Reaped) -> None:
-        self.hub.publish(reaped.changes)
-        self.hub.streams.publish(reaped.replayed, reaped.queued)
+        self._publish(reaped)
         self.reaped.append(reaped.node)
         log.info("cleaned up after node {dead}: {people} people offline, {apps} applications taken over, "
                  "{missed} updates it may not have delivered replayed", dead=reaped.node, people=reaped.people,
                  apps=len(reaped.apps), missed=len(reaped.replayed), event="cluster.reaped")
+
+    def _publish(self, reaped: Reaped) -> None:
+        """The applications connected here hear what reaping did: the offline changes, and what the
+        reaped node may not have delivered (older numbers than what they already have are dropped)."""
+        self.hub.publish(reaped.changes)
+        self.hub.streams.publish(reaped.replayed, reaped.queued)
