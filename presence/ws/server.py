@@ -275,11 +275,16 @@ class PresenceServerProtocol:
         # What the socket does not take goes through write() as usual (tests/test_ws_server.py).
         # With TLS on the connection (ssl: listeners), bytes must go through write() to be encrypted.
         if self._direct and not t.TLS and not t.dataBuffer and not t._tempDataLen and t.connected and not t.disconnecting:
-            sent = t.writeSomeData(data)
-            if isinstance(sent, int) and sent >= 0:
-                if sent == len(data):
-                    return
-                data = data[sent:]
+            # The socket itself, not writeSomeData (a memoryview and a retry wrapper per call): a
+            # fan-out does this 19,000 times in a row. A socket that cannot take it all, or fails,
+            # leaves the rest to write(), which buffers it or finds the connection lost.
+            try:
+                sent = t.socket.send(data)
+            except OSError:          # EAGAIN, EINTR, or a broken connection: write() will tell
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
         elif self._unread is not None:
             # The peer does not read (the transport paused us): bounded by --max-output, past it the
             # connection is closed (and aborted if it does not answer the close in time).
