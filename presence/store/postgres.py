@@ -59,9 +59,17 @@ class _Connection(txpostgres.Connection):
         try:
             return super().doRead()
         except CONNECTION_ERRORS as e:  # only raised when no query is waiting for the answer
-            if self.on_lost is not None:
-                self.reactor.callLater(0, self.on_lost)
-            return error.ConnectionLost(_reason(e))  # the reactor then calls connectionLost
+            return self._lost(_reason(e))
+        except ValueError:
+            # txpostgres registers the socket again after psycopg2 closed it (fd -1): lost as well
+            if getattr(getattr(self, "_connection", None), "closed", 1):
+                return self._lost("the server closed the connection")
+            raise
+
+    def _lost(self, why: str) -> error.ConnectionLost:
+        if self.on_lost is not None:
+            self.reactor.callLater(0, self.on_lost)
+        return error.ConnectionLost(why)  # the reactor then calls connectionLost
 
     def _runInteraction(self, interaction, *args, **kwargs):
         """txpostgres' transaction, except that a rollback failing because the connection is gone
