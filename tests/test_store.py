@@ -987,18 +987,19 @@ async def test_reaping_by_several_survivors_at_once_reaps_each_dead_node_once(da
 
 
 @pytest_twisted.ensureDeferred
-async def test_forget_node_removes_it_and_its_subscriptions(store):
+async def test_a_node_leaving_reaps_itself_row_and_subscriptions(store):
     await store.register_node("node1", 1.0, 0)
     await store.register_node("node2", 1.0, 0)
     for node, app_id in [("node1", "a"), ("node1", "b"), ("node2", "b"), ("node2", "c")]:
         await store.subscribe(node, app_id)
-    await store.forget_node("node1")
+    left = await store.reap_node("node1", 2.0, node="node1")
+    assert (left.node, left.apps, left.people) == ("node1", ["a", "b"], 0)
     assert [n for n, *_ in await nodes(store)] == ["node2"]
     assert await store.heartbeat("node1", 2.0, 0) is False
     assert await store.subscribed(["a", "b", "c"]) == {"b", "c"}
     assert await store.take_subscriptions("node1") == []
     assert await store.take_subscriptions("node2") == ["b", "c"]
-    await store.forget_node("unknown")  # nothing to do
+    assert await store.reap_node("unknown", 2.0, node="unknown") is None   # nothing to do
 
 
 # -- subscriptions -----------------------------------------------------------------------------------

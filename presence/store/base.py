@@ -263,9 +263,6 @@ class Store(Protocol):
     async def heartbeat(self, node: str, now: float, last_applied: int) -> bool:
         """False if the node's row is gone (another node decided it was dead)."""
 
-    async def forget_node(self, node: str) -> None:
-        """The node's row and subscriptions go (a clean stop reaps itself instead: reap_node)."""
-
     async def reap_node(self, reaper: str, now: float, before: float | None = None, label: str | None = None,
                         held: Container[str] = (), node: str | None = None) -> Reaped | None:
         """Clean up after one dead node in one transaction (see presence/store/sql_changes.py): the

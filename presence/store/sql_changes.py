@@ -231,13 +231,6 @@ class ChangeQueries:
             (now, last_applied, node))
         return bool(rows)
 
-    async def forget_node(self, node: str) -> None:
-        def interaction():
-            yield "DELETE FROM subscriptions WHERE node = ?", (node,)
-            yield "DELETE FROM nodes WHERE name = ?", (node,)
-
-        await self._transaction(interaction())
-
     async def reap_node(self, reaper: str, now: float, before: float | None = None, label: str | None = None,
                         held: Container[str] = (), node: str | None = None) -> Reaped | None:
         """Clean up after one dead node, all of it in one transaction: a reaper that dies or loses the
