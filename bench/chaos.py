@@ -193,8 +193,8 @@ class Scenario:
         for app_id, emails in self.grants.items():
             for email in emails:
                 grants_by_person.setdefault(email, []).append(app_id)
-        truth = await store_call("truth", self.checker_url, {"people": self.people, "grants": grants_by_person},
-                                 self.run_dir)
+        truth = await store_call("truth", self.checker_url, {"people": self.people, "grants": grants_by_person,
+                                                             "debug": self.o.keep}, self.run_dir)
         violations = check(self.fleet.record, live, self.grants, truth)
         if self.o.keep:  # what the check saw, to read a violation's story next to the node logs
             (self.run_dir / f"check-{number}.json").write_text(json.dumps(
@@ -233,7 +233,7 @@ def replay(o: argparse.Namespace, scenario: str) -> str:
 
 
 def table(results: list[dict], o: argparse.Namespace) -> str:
-    lines = [f"| scenario | fault | injected | violations | invariants |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| scenario | fault | injected | violations | invariants |", "| --- | --- | --- | --- | --- |"]
     for r in results:
         for kind, count in r["faults"].items():
             mine = [v for v in r["violations"] if kind in v["kinds"]]

@@ -58,9 +58,29 @@ async def _truth(reactor, database: str, query: dict) -> dict:
                               for n in await store.pending_notifications(email, time.time() - 10 * 86400)]
             for app_id in query["grants"].get(email, []):
                 views.setdefault(app_id, {})[email] = view(rows, app_id)
+        debug = await _debug(store) if query.get("debug") else None
     finally:
         await store.close()
-    return {"devices": devices, "status": status, "views": views, "waiting": waiting}
+    return {"devices": devices, "status": status, "views": views, "waiting": waiting, "debug": debug}
+
+
+async def _debug(store) -> dict:
+    """For --keep: the end of the change log, the registry, subscriptions and the waiting queue, to
+    read a violation's story."""
+    from presence import changelog
+
+    last = await store.last_change()
+    log = []
+    for change in await store.changes_since(max(0, last - 400), 1000):
+        updates, queued, extras = changelog.decode(change.payload, change.seq)
+        log.append({"seq": change.seq, "first": change.first, "origin": change.origin,
+                    "u": [[u.app_id, u.email, u.status, u.seq] for u in updates], "q": sorted(queued),
+                    "x": [sorted(x) for x in extras]})
+    nodes = await store._query("SELECT name, label, heartbeat_at, last_applied FROM nodes ORDER BY name")
+    subscriptions = await store._query("SELECT node, app_id FROM subscriptions ORDER BY node, app_id")
+    pending = await store._query("SELECT app_id, email, status, seq FROM pending ORDER BY app_id, email")
+    return {"log": log, "nodes": [list(r) for r in nodes], "subscriptions": [list(r) for r in subscriptions],
+            "pending": [list(r) for r in pending]}
 
 
 def main(argv: list[str]) -> None:

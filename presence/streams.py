@@ -195,7 +195,9 @@ class Streams:
                 else:
                     send = subscriber.sink.send              # Subscriber.push's own fast path, inlined
                     for message in messages:
-                        send(message)
+                        if not send(message):                # closing: kept for the waiting queue
+                            subscriber.keep(updates)
+                            break
                 budget -= len(messages)
                 delivered += len(updates)
             if fanout.pos >= len(subscribers):
@@ -239,11 +241,15 @@ class Streams:
         kept = [u for (a, _), u in list(self._unsaved.items()) if a == app_id]
         for u in kept:
             del self._unsaved[(app_id, u.email)]
+        updates = [Update(p.app_id, p.email, p.uid, p.status, p.at, p.seq) for p in waiting] + kept
+        if subscriber.closed:
+            self._keep(app_id, updates)   # it went while they were taken from the store: they wait again
+            return subscriber
         seen = channel.seen
-        for u in [*waiting, *kept]:
+        for u in updates:
             if u.seq > seen.get(u.email, 0):
                 seen[u.email] = u.seq
-        subscriber.loaded([Update(p.app_id, p.email, p.uid, p.status, p.at, p.seq) for p in waiting] + kept)
+        subscriber.loaded(updates)
         return subscriber
 
     async def _open_batch(self, app_ids: list[str]) -> list[list[PendingUpdate]]:

@@ -46,9 +46,10 @@ def encode_lists(updates: list[Update], limit: int) -> list[bytes]:
 
 
 class Sink(Protocol):
-    def send(self, message: Any) -> None:
+    def send(self, message: Any) -> bool:
         """``message``: the payload bytes, or what ``Streams.prepare`` made of them (a websocket
-        frame framed once for every connection of an application)."""
+        frame framed once for every connection of an application). False: not taken (the
+        connection is closing), so the subscriber keeps it for the waiting queue."""
 
     def close(self, code: int, reason: str) -> None: ...
 
@@ -100,12 +101,15 @@ class Subscriber:
     def push(self, message: Any, updates: list[Update]) -> None:
         if self.closed:
             return
-        if self.loading or self.paused:
-            _merge(self.backlog, updates)
-            if len(self.backlog) > self.limit:
-                self._overflow("too many changes waiting for a slow reader")
-        else:
-            self.sink.send(message)
+        if self.loading or self.paused or not self.sink.send(message):
+            self.keep(updates)
+
+    def keep(self, updates: list[Update]) -> None:
+        """Updates this connection could not be sent now: they go out later, or back to the waiting
+        queue when it goes (never dropped because the socket was closing)."""
+        _merge(self.backlog, updates)
+        if len(self.backlog) > self.limit:
+            self._overflow("too many changes waiting for a slow reader")
 
     def loaded(self, waiting: list[Update]) -> None:
         """The updates that waited while the application was away: they go out first, live ones after."""
@@ -144,7 +148,9 @@ class Subscriber:
             self.backlog = {}
             parts = encode_parts(updates, self.max_message)
             for i, (payload, _) in enumerate(parts):
-                self.sink.send(payload)
+                if not self.sink.send(payload):
+                    _merge(self.backlog, [u for _, rest in parts[i:] for u in rest])
+                    return
                 if self.paused or self.closed:
                     _merge(self.backlog, [u for _, rest in parts[i + 1:] for u in rest])
                     return

@@ -18,8 +18,11 @@ class ListPeer:
     def send_json(self, message):
         self.sent.append(message)
 
-    def send(self, payload: bytes):
+    def send(self, payload: bytes) -> bool:
+        if self.closed is not None:
+            return False             # as a closing connection: not taken
         self.sent.append(json.loads(payload))
+        return True
 
     def close(self, code, reason):
         self.closed = (code, reason)

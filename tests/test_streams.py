@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest_twisted
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock
 
 from presence import errors
@@ -454,9 +455,10 @@ def test_a_large_backlog_goes_out_while_the_socket_takes_it_and_waits_when_it_is
 
     class Filling(ListPeer):
         def send(self, payload):
-            super().send(payload)
+            taken = super().send(payload)
             if len(self.sent) % 2 == 0:
                 subscriber.pause()          # what the transport does once its buffer is full
+            return taken
 
     sink = Filling()
     subscriber = Subscriber("app", sink, clock, 10_000, 30.0, lambda s: None, max_message=1024)
@@ -467,3 +469,37 @@ def test_a_large_backlog_goes_out_while_the_socket_takes_it_and_waits_when_it_is
         subscriber.resume()
     got = [u["email"] for batch in sink.sent for u in batch]
     assert got == [u.email for u in waiting]                 # every one, once, in order
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_that_closes_while_it_opens_leaves_what_waited_in_the_store(sqlite_store):
+    """What waited is taken from the store as a connection opens; if the connection is closing by
+    the time it arrives (the peer went, the node closed it), it waits in the store again."""
+    clock = Clock()
+    streams = Streams(sqlite_store, clock)
+    await sqlite_store.queue_pending([PendingUpdate("app", "p@x", "u-p@x", "offline", 995, 995_000)])
+    peer = ListPeer()
+    opening = ensureDeferred(streams.subscribe("app", peer))
+    peer.closed = (1000, "the peer went")                  # before the store answered
+    subscriber = await opening
+    streams.unsubscribe(subscriber)                        # its connection is lost
+    await streams.flush()
+    assert peer.sent == []
+    assert [(u.email, u.status, u.seq) for u in await sqlite_store.take_pending("app", 0)] == [
+        ("p@x", "offline", 995_000)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_change_for_a_connection_that_is_closing_waits_in_the_store(sqlite_store):
+    """Between a connection starting to close and its loss, a fan-out to it is not taken: kept, then
+    queued when it goes, never dropped."""
+    clock = Clock()
+    streams = Streams(sqlite_store, clock, batch_window=0.05)
+    peer = ListPeer()
+    subscriber = await streams.subscribe("app", peer)
+    peer.closed = (1001, "closing")
+    streams.publish([upd("p@x", "online", 1)])
+    clock.advance(0.05)
+    streams.unsubscribe(subscriber)
+    await streams.flush()
+    assert [(u.email, u.status) for u in await sqlite_store.take_pending("app", 0)] == [("p@x", "online")]

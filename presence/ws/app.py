@@ -65,9 +65,8 @@ class AppSession(Session):
         return None
 
     # -- as the fan-out's Sink and the transport's producer ---------------------------------------------
-    def send(self, message: Any) -> None:
-        if not self.closed:
-            self.peer.send(message)
+    def send(self, message: Any) -> bool:
+        return not self.closed and self.peer.send(message)
 
     def close(self, code: int, reason: str) -> None:
         if not self.closed:

@@ -267,7 +267,8 @@ class PresenceServerProtocol:
         self.transport.loseConnection()
 
     # -- writing ----------------------------------------------------------------------------------
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes) -> bool:
+        """False only when --max-output refused it (the connection is then closing)."""
         t = self.transport
         # Twisted's write() buffers and waits for the socket to become writable (an epoll
         # registration and a reactor turn per message); when nothing is buffered, sending at once
@@ -283,7 +284,7 @@ class PresenceServerProtocol:
             except OSError:          # EAGAIN, EINTR, or a broken connection: write() will tell
                 sent = 0
             if sent == len(data):
-                return
+                return True
             data = data[sent:]
         elif self._unread is not None:
             # The peer does not read (the transport paused us): bounded by --max-output, past it the
@@ -293,17 +294,20 @@ class PresenceServerProtocol:
                 log.info("closing a connection that does not read: over {limit} bytes wait for it",
                          limit=self.factory.max_output, event="websocket.output_overflow")
                 self.close(CLOSE_TOO_SLOW, f"too slow: over {self.factory.max_output} bytes unread")
-                return
+                return False
         t.write(data)
+        return True
 
     # -- Peer -------------------------------------------------------------------------------------
     def send_json(self, message: Any) -> None:
         self.send(json.dumps(message, separators=(",", ":")).encode("utf-8"))
 
-    def send(self, message: bytes) -> None:
-        """Payload bytes, or a frame the factory prepared once for many connections."""
-        if self.state == _OPEN:
-            self._write(message if type(message) is Prepared else frames.encode(frames.TEXT, message))
+    def send(self, message: bytes) -> bool:
+        """Payload bytes, or a frame the factory prepared once for many connections. False if it was
+        not taken: the connection is closing, or the peer stopped reading past --max-output."""
+        if self.state != _OPEN:
+            return False
+        return self._write(message if type(message) is Prepared else frames.encode(frames.TEXT, message))
 
     def close(self, code: int, reason: str) -> None:
         """Start the close handshake; the peer has ``close_timeout`` seconds to answer it."""

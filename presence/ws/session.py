@@ -23,7 +23,8 @@ class Peer(Protocol):
 
     def send_json(self, message: Any) -> None: ...
 
-    def send(self, message: Any) -> None: ...
+    def send(self, message: Any) -> bool:
+        """False if the connection no longer takes messages (closing or closed)."""
 
     def close(self, code: int, reason: str) -> None: ...
 
