@@ -204,11 +204,15 @@ class Hub:
 
     # -- changes made by other nodes ----------------------------------------------------------------
     def apply(self, logged: LoggedChange) -> None:
-        """A change from the log: deliver its updates here; close a device taken over elsewhere."""
-        if logged.origin == self.node:
-            return  # delivered when it was made
+        """A change from the log: deliver its updates here; close a device taken over elsewhere.
+
+        This node's own changes too: one whose commit it saw fail (the connection dropped after the
+        server had committed) was never published here, and the streams drop what they already sent
+        (the same number). Their extras were done when they were made."""
         updates, queued, extras = changelog.decode(logged.payload, logged.seq)
         self.streams.publish(updates, queued)
+        if logged.origin == self.node:
+            return
         for extra in extras:
             for email, notes in extra.get("notify", {}).items():
                 self.notify(email, notes)

@@ -38,8 +38,9 @@ class _Channel:
     # Every transition, in order: a connection that keeps up is told each one, not just the latest.
     batch: list[Update] = field(default_factory=list)
     # The number of the latest change published per person: an older one arriving later (another
-    # node's change read from the log after this node's own newer one) is not sent, so for one
-    # person an application only ever sees the number grow.
+    # node's change read from the log after this node's own newer one), or the same one again (a
+    # replay, or this node's own change read back from the log) is not sent, so for one person an
+    # application only ever sees the number grow.
     seen: dict[str, int] = field(default_factory=dict)
 
 
@@ -121,8 +122,8 @@ class Streams:
             channel = self.channels.get(update.app_id)
             if channel is not None:
                 seen = channel.seen
-                if update.seq < seen.get(update.email, 0):
-                    continue
+                if update.seq <= seen.get(update.email, 0) and update.seq:
+                    continue         # sent already (one number, one change), or older than what was
                 seen[update.email] = update.seq
                 channel.batch.append(update)
                 self._due[update.app_id] = None

@@ -478,3 +478,33 @@ async def test_a_transaction_cut_by_a_lost_connection_is_one_clear_error_not_a_t
     finally:
         globalLogPublisher.removeObserver(observe)
         await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_change_committed_though_the_node_saw_its_commit_fail_still_reaches_its_applications(sqlite_store):
+    """The connection drops after the server committed: the node answers errno 50 and publishes
+    nothing, but the change is in the log; reading its own changes back from the log delivers it
+    (and what was already sent is not sent again)."""
+    app, _ = await new_app(sqlite_store, "alice@example.com")
+    clock = Clock()
+    streams = Streams(sqlite_store, clock, node="n", batch_window=0.0)
+    hub = Hub(sqlite_store, streams, clock, "n")
+    peer = ListPeer()
+    await streams.subscribe(app.app_id, peer)
+    phone = await hub.attach("alice@example.com", "phone", None, ListPeer())
+    await hub.set_status(phone, "online")
+    seen = await sqlite_store.last_change()
+    commit = sqlite_store.change_people
+
+    async def committed_but_unanswered(*args, **kwargs):
+        await commit(*args, **kwargs)
+        raise StoreUnavailable("injected: the connection dropped after COMMIT")
+    sqlite_store.change_people = committed_but_unanswered
+    with pytest.raises(StoreUnavailable):
+        await hub.set_status(phone, "unavailable")
+    sqlite_store.change_people = commit
+    for logged in await sqlite_store.changes_since(0):     # the feed, reading the log from the start
+        hub.apply(logged)
+    clock.advance(0)
+    got = [(u["status"], u["seq"]) for batch in peer.sent for u in batch]
+    assert got == [("online", seen), ("unavailable", seen + 1)]   # each once, in order
