@@ -85,6 +85,8 @@ class Node(Service):
         self.cluster = Cluster(self.store, self.hub, self.feed, reactor, self.incarnation, config.node_timeout,
                                config.log_retention, label=config.node, shared=self.shared)
         self.hub.on_fenced = lambda: self._rejoin_soon("a write found this node's registration gone")
+        self.streams.fence = True
+        self.streams.on_fenced = self.hub.on_fenced
         self.feed.on_gap = lambda last, first: self._rejoin_soon("the change log was trimmed past what it read")
         self.cluster.on_taken_for_dead = self.rejoin
         self._rejoining: Deferred | None = None

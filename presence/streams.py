@@ -23,7 +23,7 @@ from twisted.logger import Logger
 
 from presence.batching import Grouped
 from presence.metrics import Metrics
-from presence.store import PendingUpdate, Store
+from presence.store import NodeFenced, PendingUpdate, Store
 from presence.subscriber import Sink, Subscriber, _merge, encode_lists
 from presence.views import Update
 
@@ -113,6 +113,9 @@ class Streams:
         # Connections come in bursts (a restart, a storm): registering and taking what waits is one
         # store transaction for all the applications that connect meanwhile.
         self._open = Grouped(self._open_batch)
+        # Subscribe only while this node's incarnation is registered (a node sets it, as the hub's).
+        self.fence = False
+        self.on_fenced: Callable[[], None] = lambda: None
 
     # -- changes in ---------------------------------------------------------------------------
     def publish(self, updates: list[Update], queued: frozenset[str] = frozenset()) -> None:
@@ -254,7 +257,12 @@ class Streams:
         return subscriber
 
     async def _open_batch(self, app_ids: list[str]) -> list[list[PendingUpdate]]:
-        taken = await self.store.open_streams(self.node, app_ids, self.clock.seconds() - self.pending_ttl)
+        try:
+            taken = await self.store.open_streams(self.node, app_ids, self.clock.seconds() - self.pending_ttl,
+                                                  fence=self.fence)
+        except NodeFenced:
+            self.on_fenced()
+            raise
         seen: set[str] = set()
         out = []
         for app_id in app_ids:   # two connections of one application in a batch: the first takes all

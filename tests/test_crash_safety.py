@@ -19,7 +19,7 @@ from presence.bus import ChangeFeed
 from presence.cluster import Cluster
 from presence.hub import Hub
 from presence.notifications import Notifier
-from presence.store import Device, StoreUnavailable, open_store
+from presence.store import Device, NodeFenced, StoreUnavailable, open_store
 from presence.streams import Streams
 from presence.subscriber import Subscriber
 from presence.views import Update
@@ -508,3 +508,27 @@ async def test_a_change_committed_though_the_node_saw_its_commit_fail_still_reac
     clock.advance(0)
     got = [(u["status"], u["seq"]) for batch in peer.sent for u in batch]
     assert got == [("online", seen), ("unavailable", seen + 1)]   # each once, in order
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reaped_node_subscribes_nothing(database_url):
+    """An application connecting to a node at the moment it is reaped: its subscription would hold
+    the application for ever (changes neither queued nor delivered), so a fenced node makes none."""
+    store = open_store(database_url)
+    await store.open()
+    try:
+        app, _ = await new_app(store, "alice@example.com")
+        now = await store.now()
+        await store.register_node("gone#1", now - 100, 0)
+        await store.register_node("reaper", now, 0)
+        assert (await store.reap_node("reaper", 1.0, before=now - 30)).node == "gone#1"
+        with pytest.raises(NodeFenced):
+            await store.open_streams("gone#1", [app.app_id], 0.0, fence=True)
+        assert await store.subscribed([app.app_id]) == set()
+
+        def online(devices):
+            devices["phone"] = Device("alice@example.com", "phone", "reaper", "online", 1.0, "s")
+        change = await store.change_person("alice@example.com", online, "reaper", 2.0)
+        assert change.queued == {app.app_id}          # nobody holds it: it waits
+    finally:
+        await store.close()

@@ -417,9 +417,9 @@ async def test_connections_arriving_together_open_in_one_store_transaction(sqlit
     calls = []
     real = sqlite_store.open_streams
 
-    async def counting(node, app_ids, not_before):
+    async def counting(node, app_ids, not_before, fence=False):
         calls.append(sorted(app_ids))
-        return await real(node, app_ids, not_before)
+        return await real(node, app_ids, not_before, fence)
 
     monkeypatch.setattr(sqlite_store, "open_streams", counting)
     first = [ListPeer()]

@@ -328,7 +328,8 @@ class Store(Protocol):
     async def queue_pending(self, updates: list[PendingUpdate]) -> None:
         """Upsert by (app_id, email): a newer update (by ``at``) replaces an older one, never the reverse."""
 
-    async def open_streams(self, node: str, app_ids: list[str], not_before: float) -> dict[str, list[PendingUpdate]]:
+    async def open_streams(self, node: str, app_ids: list[str], not_before: float,
+                           fence: bool = False) -> dict[str, list[PendingUpdate]]:
         """``subscribe`` then ``take_pending`` for several applications, in one transaction (a burst
         of application connects costs one round trip)."""
 

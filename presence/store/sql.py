@@ -339,10 +339,13 @@ class SQLStore(ChangeQueries, WebQueries):
                 tuple(value for row in batch for value in row),
             )
 
-    async def open_streams(self, node: str, app_ids: list[str], not_before: float) -> dict[str, list[PendingUpdate]]:
+    async def open_streams(self, node: str, app_ids: list[str], not_before: float,
+                           fence: bool = False) -> dict[str, list[PendingUpdate]]:
         ids = sorted(set(app_ids))
 
         def interaction():
+            if fence:    # a reaped node subscribes nothing: its subscription would hold the app for ever
+                yield from self._fence(node)
             taken: dict[str, list[PendingUpdate]] = {app_id: [] for app_id in ids}
             for start in range(0, len(ids), IN_BATCH):
                 part = ids[start:start + IN_BATCH]
