@@ -123,6 +123,11 @@ class Device:
                 await self._status(ws, self.fleet.rng.choice(STATUSES))
                 # sparse enough that a person's last change often falls in a fault's window
                 await _either(ws.closed, self.fleet.stop_event, self.fleet.rng.uniform(0.5, 3.0))
+            elif self.intended is not None and self.ok != self.intended:
+                # errno 50 means "try again shortly" (the change may or may not have been applied
+                # when the database went away at its commit), so a client sends it again
+                if not await self._status(ws, self.intended):
+                    await _either(ws.closed, self.fleet.stop_event, 0.5)
             else:
                 await _either(ws.closed, self.fleet.wake, 1.0)
 
