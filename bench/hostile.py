@@ -72,7 +72,7 @@ def _count(r: dict, label: str) -> int:
 ATTACKS: list[Attack] = [
     Attack(1, "fragments", "fragmented messages before authentication (endless empty or one-byte continuation "
            "frames)", 50, "close 1009 at the 1025th frame (--max-fragments)",
-           {"close 1009"}, lambda r: _count(r, "close 1009") > 0),
+           {"close 1009", "reset before a close frame"}, lambda r: _count(r, "close 1009") > 0),
     Attack(2, "issuer", "a hostile issuer streaming endless response header lines (device `connect`)", 16,
            "errno 15, close 4002; the fetch stops at --fetch-max-head",
            {"errno 15", "then close 4002"}, lambda r: _count(r, "errno 15") > 0 and r["log_lines"] > 0,
@@ -83,7 +83,8 @@ ATTACKS: list[Attack] = [
            log_event="failed (private)"),
     Attack(4, "bodies", "oversized request bodies: anonymous POSTs of 300 MB to /<appid>/notification", 4,
            "413 errno 45 at once, before the body is read (--max-body)",
-           {"413 errno 45 (Content-Length)", "413 errno 45 (chunked)"},
+           {"413 errno 45 (Content-Length)", "413 errno 45 (chunked)", "reset before the answer (Content-Length)",
+            "reset before the answer (chunked)"},
            lambda r: _count(r, "413 errno 45 (Content-Length)") > 0),
     Attack(5, "no_read", "peers that do not read: bad JSON or statuses before `connect`, replies never read", 20,
            "the node stops reading a peer that does not read",

@@ -130,6 +130,16 @@ async def http_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, list
         if ":" in line:
             name, value = line.split(":", 1)
             headers.setdefault(name.strip().lower(), []).append(value.strip())
+    if headers.get("transfer-encoding", [""])[0].lower() == "chunked":
+        parts = []
+        while True:
+            size = int((await reader.readline()).split(b";")[0], 16)
+            if size == 0:
+                await reader.readline()
+                break
+            parts.append(await reader.readexactly(size))
+            await reader.readline()
+        return code, headers, b"".join(parts)
     length = int(headers.get("content-length", ["0"])[0])
     body = await reader.readexactly(length) if length else b""
     return code, headers, body
@@ -346,8 +356,13 @@ async def bodies(c: dict, deadline: float, t: Tally) -> None:
                     break
                 if draining.exception() is not None:
                     break
-            code, _, body = await asyncio.wait_for(answered, 10)
             kind = "chunked" if chunked else "Content-Length"
+            try:
+                code, _, body = await asyncio.wait_for(answered, 10)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                # The node hung up with body bytes unread: its answer can be lost to the TCP reset.
+                t.answers[f"reset before the answer ({kind})"] += 1
+                return
             errno = json.loads(body).get("errno") if body.startswith(b"{") else None
             t.answers[f"{code}" + (f" errno {errno}" if errno else "") + f" ({kind})"] += 1
             t.most("most MB written before the answer", sent / 2**20)
