@@ -118,6 +118,9 @@ def add_parser(sub) -> None:
     h.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     h.add_argument("--markdown", type=Path, default=None, help="write the table as Markdown")
     h.add_argument("--keep", action="store_true", help="keep the run directory (node logs)")
+    h.add_argument("--profile", type=Path, default=None,
+                   help="record the node with py-spy during each attack into DIR/<attack>.txt (pip install py-spy; "
+                        "it costs the node a little); read them with `python -m bench top`")
     h.add_argument("--presence-src", default=str(common.ROOT))
     h.add_argument("--timeout", type=float, default=None, help="stop everything after this many seconds")
 
@@ -367,9 +370,8 @@ class Hostile:
         """Start the attackers (prepared, waiting), then the node, then run the attacks one by one."""
         web_port, ws_port = common.free_port(), common.free_port()
         audience = f"http://127.0.0.1:{web_port}"
-        prepared: dict[str, tuple[Child, dict]] = {}
-        for attack in todo:
-            prepared[attack.key] = await self.attacker(attack, web_port, ws_port, audience)
+        ready = await asyncio.gather(*(self.attacker(attack, web_port, ws_port, audience) for attack in todo))
+        prepared = {attack.key: r for attack, r in zip(todo, ready)}
         extra: list[str] = []
         if group == "issuer":
             extra.append("--insecure-identity")
@@ -428,7 +430,8 @@ class Hostile:
                         self.run_dir / f"healthy-{attack.key}.log")
         self.children.append(healthy)
         warm = await healthy.line(60)
-        await asyncio.sleep(1.0)
+        settle = min(1.0, o.seconds / 2)   # short runs (the smoke test) wait less
+        await asyncio.sleep(settle)
         idle_samples = []
         for _ in range(5):
             idle_samples.append(rss_mb(node.pid))
@@ -439,6 +442,13 @@ class Hostile:
         log0 = node.log_count(attack.log_event) if attack.log_event else 0
         say(f"{attack.number}. {attack.key}: idle RSS {idle:.1f} MB; attacking for {o.seconds:g}s "
             f"with {ready['config']['connections']} connections")
+        profiler = None
+        if o.profile:
+            from bench.scenarios import Profiler
+
+            o.profile.mkdir(parents=True, exist_ok=True)
+            profiler = Profiler(node.pid, o.profile / f"{attack.key}.txt")
+        cpu0 = node.cpu()
         t0 = time.monotonic()
         attacker.go()
         healthy.go()
@@ -463,9 +473,12 @@ class Hostile:
                 next_note += 2
             await asyncio.wait([done], timeout=SAMPLE_INTERVAL)
         attack_result, health = await done
+        cpu = (node.cpu() - cpu0) / (time.monotonic() - t0) if alive else math.nan
+        if profiler:
+            profiler.stop()
         if alive and hwm:
             peak = max(peak, rss_mb(node.pid, "VmHWM"))
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(settle)
         after = rss_mb(node.pid) if node.process.poll() is None else math.nan
         attacker.stop()
         healthy.stop()
@@ -488,13 +501,14 @@ class Hostile:
                "worst_ms": round(worst, 1), "p99_ms": round(p99, 1), "rss_idle_mb": round(idle, 1),
                "rss_peak_mb": round(peak, 1), "rss_growth_mb": round(growth, 1), "rss_after_mb": round(after, 1),
                "rss_samples": samples, "peak_from_vmhwm": hwm, "alive": alive, "kept_serving": serving,
-               "other_cpu_pct": {"mean": mean_other, "max": max_other}}
+               "node_cpu_pct": round(100 * cpu), "other_cpu_pct": {"mean": mean_other, "max": max_other}}
         if attack.key == "bodies":
             row["disk_growth_mb"] = round(disk_peak - disk0, 1)
         row["as_documented"] = as_documented(attack, row)
         row["within_goal"] = bool(serving and worst <= GOAL_RTT_MS and growth <= GOAL_RSS_MB)
         say(f"{attack.number}. {attack.key}: {answered(row)}; healthy worst {worst:.1f} ms, p99 {p99:.1f} ms; "
-            f"RSS +{growth:.1f} MB; {'kept serving' if serving else 'DID NOT keep serving'}; other processes "
+            f"RSS +{growth:.1f} MB; {'kept serving' if serving else 'DID NOT keep serving'}; node CPU "
+            f"{row['node_cpu_pct']}% of a core; other processes "
             f"{mean_other}% of a core (max {max_other}%)")
         return row
 
