@@ -1,13 +1,13 @@
 """Hostile load (issue 14): each attack against a real node, with a healthy device beside it.
 
-    python -m bench hostile                          # every attack, 10 s each (about 3 minutes)
-    python -m bench hostile --seconds 1 --attacks fragments,heads   # what tests/test_bench_hostile.py runs
+    python -m bench hostile --out hostile.json       # every attack, 10 s each (about 2 minutes)
+    python -m bench hostile --seconds 1 --attacks fragments,heads   # a subset, short (the smoke test's kind)
 
-For each attack the bench starts a healthy client (a device signed in with an assertion of the node's
-own identity provider, whose key the bench wrote, so no fetch is involved) that sends a status every
-50 ms and times each round trip to its {"result": "OK"}; it measures the node's RSS at idle, then runs
-the attack (bench/hostile_attacks.py, a process of its own at a lower priority) for --seconds while it
-reads the node's VmRSS every 100 ms. Reported per attack: what the node answered, the healthy client's
+For each attack the bench starts a healthy client (bench/hostile_client.py: a device signed in with an
+assertion of the node's own identity provider, whose key the bench wrote, so no fetch is involved)
+that sends a status every 50 ms and times each round trip to its {"result": "OK"}; it measures the
+node's RSS at idle, then runs the attack (bench/hostile_attacks.py, a process of its own at a lower
+priority) for --seconds while it reads the node's VmRSS every 100 ms. Reported per attack: what the node answered, the healthy client's
 worst and p99 round trip, the node's peak RSS growth over idle, and whether it kept serving (every
 status answered OK, a fresh device could connect afterwards, the process alive).
 
@@ -26,7 +26,6 @@ import asyncio
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -43,7 +42,6 @@ from bench.report import markdown, percentile, say
 
 GOAL_RTT_MS = 100.0
 GOAL_RSS_MB = 50.0
-STATUS_INTERVAL = 0.05
 SAMPLE_INTERVAL = 0.1
 
 
@@ -123,92 +121,6 @@ def add_parser(sub) -> None:
                         "it costs the node a little); read them with `python -m bench top`")
     h.add_argument("--presence-src", default=str(common.ROOT))
     h.add_argument("--timeout", type=float, default=None, help="stop everything after this many seconds")
-
-
-# -- the healthy client -----------------------------------------------------------------------------------
-
-async def _healthy(config: dict) -> None:
-    """Connect, sign in, then on "go" send a status every 50 ms for `seconds`; print the round trips.
-    Statuses are pipelined when a reply is late (the node answers a connection's messages in order), so
-    a stalled node shows as one long round trip, not as fewer samples."""
-    from bench.hostile_attacks import read_message, ws_open
-    from bench.wsclient import CLOSE, frame
-
-    port = config["ws_port"]
-    statuses = [frame(b'{"type":"status","status":"online"}'), frame(b'{"type":"status","status":"unavailable"}')]
-    sent: list[float] = []
-    rtts: list[float] = []
-    notes: list[str] = []
-    state = {"ok": 0, "ko": 0, "closed": ""}
-
-    async def sign_in(device: str) -> tuple:
-        reader, writer = await ws_open(port)
-        writer.write(frame(json.dumps({"type": "connect", "assertion": config["assertion"],
-                                       "device": device}).encode()))
-        opcode, payload = await asyncio.wait_for(read_message(reader, writer), 30)
-        if not payload.startswith((b'{"result":true', b'{"result":"OK"')):
-            raise RuntimeError(f"the healthy device could not sign in: {payload[:300]!r}")
-        return reader, writer
-
-    async def read(reader, writer) -> None:
-        while True:
-            try:
-                opcode, payload = await read_message(reader, writer)
-            except (ConnectionError, asyncio.IncompleteReadError) as e:
-                state["closed"] = f"connection lost: {type(e).__name__}"
-                return
-            if opcode == CLOSE:
-                state["closed"] = f"closed {int.from_bytes(payload[:2], 'big') if len(payload) >= 2 else ''}"
-                return
-            if not payload.startswith(b'{"result"'):
-                continue        # a notifications message, say
-            if sent:
-                rtts.append(1000 * (time.monotonic() - sent.pop(0)))
-            state["ok" if b'"OK"' in payload else "ko"] += 1
-            if b'"KO"' in payload and len(notes) < 5:
-                notes.append(payload[:200].decode("utf-8", "replace"))
-
-    reader, writer = await sign_in("healthy")
-    reading = asyncio.create_task(read(reader, writer))
-    for k in range(10):   # warm up: the first statuses of a device cost more (a new row)
-        sent.append(time.monotonic())
-        writer.write(statuses[k % 2])
-        await asyncio.sleep(STATUS_INTERVAL)
-    await asyncio.sleep(0.3)
-    warm = list(rtts)
-    rtts.clear()
-    state.update(ok=0, ko=0)
-    print(json.dumps({"ev": "ready", "warm_ms": [round(x, 1) for x in warm]}), flush=True)
-    line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-    if line.strip() != "go":
-        return
-    t0 = time.monotonic()
-    end = t0 + config["seconds"]
-    k = 0
-    while time.monotonic() < end and not state["closed"]:
-        sent.append(time.monotonic())
-        writer.write(statuses[k % 2])
-        k += 1
-        await asyncio.sleep(max(0.0, t0 + k * STATUS_INTERVAL - time.monotonic()))
-    waited = time.monotonic()
-    while sent and time.monotonic() - waited < 5 and not state["closed"]:
-        await asyncio.sleep(0.01)
-    unanswered = [1000 * (time.monotonic() - s) for s in sent]   # a stall at the end counts whole
-    reading.cancel()
-    writer.transport.abort()
-    fresh: dict = {}
-    try:
-        t1 = time.monotonic()
-        reader2, writer2 = await asyncio.wait_for(sign_in("healthy-after"), 10)
-        writer2.write(statuses[0])
-        opcode, payload = await asyncio.wait_for(read_message(reader2, writer2), 10)
-        fresh = {"ok": b'"OK"' in payload, "ms": round(1000 * (time.monotonic() - t1), 1)}
-        writer2.transport.abort()
-    except Exception as e:   # noqa: BLE001 - reported
-        fresh = {"ok": False, "error": f"{type(e).__name__}: {e}"[:200]}
-    print(json.dumps({"ev": "result", "sent": k, "ok": state["ok"], "ko": state["ko"], "closed": state["closed"],
-                      "rtts_ms": [round(x, 2) for x in rtts], "unanswered_ms": [round(x, 1) for x in unanswered],
-                      "ko_sample": notes, "fresh": fresh}), flush=True)
 
 
 # -- processes ------------------------------------------------------------------------------------------------
@@ -426,7 +338,7 @@ class Hostile:
         config = {"ws_port": node.ws_port, "seconds": o.seconds, "assertion": self.assertion(audience)}
         path = self.run_dir / f"healthy-{attack.key}.json"
         path.write_text(json.dumps(config))
-        healthy = Child("healthy client", ["-m", "bench.hostile", "healthy", str(path)], self.env,
+        healthy = Child("healthy client", ["-m", "bench.hostile_client", str(path)], self.env,
                         self.run_dir / f"healthy-{attack.key}.log")
         self.children.append(healthy)
         warm = await healthy.line(60)
@@ -596,13 +508,3 @@ def main(o: argparse.Namespace) -> None:
         o.markdown.write_text(text + "\n")
     if not all(r["as_documented"] for r in results["rows"]):
         sys.exit(1)
-
-
-if __name__ == "__main__":
-    common.die_with_parent()
-    if len(sys.argv) == 3 and sys.argv[1] == "healthy":
-        common.lifetime_guard(600)
-        with open(sys.argv[2]) as f:
-            asyncio.run(_healthy(json.load(f)))
-    else:
-        sys.exit("usage: python -m bench.hostile healthy CONFIG.json (the bench's healthy client)")
