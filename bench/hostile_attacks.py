@@ -387,17 +387,19 @@ async def no_read(c: dict, deadline: float, t: Tally) -> None:
         text = b"not json" if i % 2 == 0 else b'{"type":"status","status":"online"}'
         burst = b"".join(frame(text) for _ in range(64 * 1024 // (len(text) + 6)))
         sent = 0
-        blocked_since = None
+        blocked = False
         try:
             while time.monotonic() < deadline:
                 writer.write(burst)
                 sent += len(burst)
                 try:
                     await asyncio.wait_for(writer.drain(), min(1.0, left(deadline) + 0.01))
-                    blocked_since = None
                 except asyncio.TimeoutError:
-                    blocked_since = blocked_since or time.monotonic()
-            answer = "still open, not read by the node (blocked)" if blocked_since else "still open, still read"
+                    blocked = blocked or time.monotonic() < deadline   # a second without taking a byte
+                    await asyncio.wait_for(writer.drain(), left(deadline) + 0.01)
+            answer = "open, its writes blocked" if blocked else "open, its writes all taken"
+        except asyncio.TimeoutError:
+            answer = "open, its writes blocked"
         except ConnectionError:
             answer = "closed by the node"
         if writer.transport.is_closing():
