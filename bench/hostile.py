@@ -113,6 +113,8 @@ def add_parser(sub) -> None:
     h.add_argument("--attacker-nice", type=int, default=10,
                    help="nice value of the attacker process (default 10: on one small machine the attacker's "
                         "CPU should not count as the node's)")
+    h.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                   help="first wait (up to SECONDS) until other processes use under 10%% of a core")
     h.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     h.add_argument("--markdown", type=Path, default=None, help="write the table as Markdown")
     h.add_argument("--keep", action="store_true", help="keep the run directory (node logs)")
@@ -268,6 +270,8 @@ class Hostile:
         self.load.start()
         results: dict[str, dict] = {}
         try:
+            if o.wait_quiet:
+                await self.wait_quiet(o.wait_quiet)
             for group in ("strict", "issuer"):
                 todo = [a for a in chosen if a.node == group]
                 if todo:
@@ -277,6 +281,20 @@ class Hostile:
             self.cleanup()
         self.results["rows"] = [results[a.key] for a in chosen if a.key in results]
         return self.results
+
+    async def wait_quiet(self, limit: float) -> None:
+        """Wait (up to `limit` seconds) until other processes have used under 10% of a core for 5 s."""
+        say(f"waiting up to {limit:g}s for the machine to be quiet")
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < limit:
+            await asyncio.sleep(1)
+            recent = [share for when, share in self.load.samples if when > time.monotonic() - 5]
+            if len(recent) >= 8 and max(recent) < 0.10:
+                say(f"quiet after {time.monotonic() - t0:.0f}s")
+                self.results["meta"]["quiet_after_s"] = round(time.monotonic() - t0)
+                return
+        say(f"the machine was not quiet after {limit:g}s; measuring anyway")
+        self.results["meta"]["quiet_after_s"] = None
 
     async def group(self, group: str, todo: list[Attack]) -> dict[str, dict]:
         """Start the attackers (prepared, waiting), then the node, then run the attacks one by one."""
