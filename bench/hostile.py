@@ -68,6 +68,7 @@ def _count(r: dict, label: str) -> int:
 
 
 ATTACKS: list[Attack] = [
+    Attack(0, "idle", "no attack (the healthy client alone: the baseline)", 0, "nothing", set()),
     Attack(1, "fragments", "fragmented messages before authentication (endless empty or one-byte continuation "
            "frames)", 50, "close 1009 at the 1025th frame (--max-fragments)",
            {"close 1009", "reset before a close frame"}, lambda r: _count(r, "close 1009") > 0),
@@ -329,7 +330,7 @@ class Hostile:
     async def attacker(self, attack: Attack, web_port: int, ws_port: int, audience: str) -> tuple[Child, dict]:
         o = self.o
         config = {"attack": attack.key, "seconds": o.seconds, "web_port": web_port, "ws_port": ws_port,
-                  "audience": audience, "connections": max(1, round(attack.connections * o.connections)),
+                  "audience": audience, "connections": max(1, round(attack.connections * o.connections)) if attack.connections else 0,
                   "issuers": 64, "domains": int(min(3000, max(100, 250 * o.seconds)))}
         path = self.run_dir / f"attack-{attack.key}.json"
         path.write_text(json.dumps(config))

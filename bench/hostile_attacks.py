@@ -523,7 +523,9 @@ async def run(config: dict) -> None:
     deadline = t0 + config["seconds"]
     attack = {"fragments": fragments, "bodies": bodies, "no_read": no_read, "nested": nested,
               "signin": signin, "heads": heads}.get(name)
-    if attack is not None:
+    if name == "idle":
+        await asyncio.sleep(left(deadline))
+    elif attack is not None:
         await attack(config, deadline, t)
     else:
         await connect_with(config, deadline, t, assertions)
