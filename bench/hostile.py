@@ -331,7 +331,7 @@ class Hostile:
         o = self.o
         config = {"attack": attack.key, "seconds": o.seconds, "web_port": web_port, "ws_port": ws_port,
                   "audience": audience, "connections": max(1, round(attack.connections * o.connections)) if attack.connections else 0,
-                  "issuers": 64, "domains": int(min(3000, max(100, 250 * o.seconds)))}
+                  "issuers": 64, "domains": int(min(10_000, max(100, 250 * o.seconds)))}
         path = self.run_dir / f"attack-{attack.key}.json"
         path.write_text(json.dumps(config))
         child = Child(f"attacker {attack.key}", ["-m", "bench.hostile_attacks", str(path)], self.env,
