@@ -384,6 +384,7 @@ class Hostile:
         attacker.go()
         healthy.go()
         done = asyncio.gather(attacker.line(o.seconds + 60), healthy.line(o.seconds + 60))
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())   # an interrupted run: no warning
         peak, disk_peak, samples, alive = idle, disk0, 0, True
         next_note = t0 + 2
         while not done.done():
