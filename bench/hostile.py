@@ -86,9 +86,10 @@ ATTACKS: list[Attack] = [
             "reset before the answer (chunked)"},
            lambda r: _count(r, "413 errno 45 (Content-Length)") > 0),
     Attack(5, "no_read", "peers that do not read: bad JSON or statuses before `connect`, replies never read", 20,
-           "the node reads no faster than it answers; a peer that does not read is not read either",
+           "the node reads no faster than it answers; never authenticated, each is closed at --auth-timeout and "
+           "aborted 5 s later (it does not answer the close)",
            {"open, its writes blocked", "closed by the node"},
-           lambda r: _count(r, "open, its writes blocked") > 0),
+           lambda r: _count(r, "open, its writes blocked") + _count(r, "closed by the node") > 0),
     Attack(6, "nested", "deeply nested JSON before authentication ('[' x 30,000, 8 in flight per connection)", 8,
            "errno 1, the connection stays open", {"errno 1"}, lambda r: _count(r, "errno 1") > 0),
     Attack(9, "signin", "sign-in link floods from one client (POST /login/start for ever new addresses)", 4,
@@ -386,7 +387,7 @@ class Hostile:
         done = asyncio.gather(attacker.line(o.seconds + 60), healthy.line(o.seconds + 60))
         done.add_done_callback(lambda f: f.cancelled() or f.exception())   # an interrupted run: no warning
         peak, disk_peak, samples, alive = idle, disk0, 0, True
-        next_note = t0 + 2
+        next_note, cpu_note = t0 + 2, cpu0
         while not done.done():
             if node.process.poll() is not None:
                 alive = False
@@ -401,8 +402,10 @@ class Hostile:
             if attack.key == "bodies":
                 disk_peak = max(disk_peak, open_file_mb(node.pid))
             if time.monotonic() >= next_note:
-                say(f"   {time.monotonic() - t0:4.1f}s: node RSS {value:.1f} MB (peak +{peak - idle:.1f})")
-                next_note += 2
+                cpu_now = node.cpu()
+                say(f"   {time.monotonic() - t0:4.1f}s: node RSS {value:.1f} MB (peak +{peak - idle:.1f}), "
+                    f"CPU {100 * (cpu_now - cpu_note) / 2:.0f}% of a core")
+                next_note, cpu_note = next_note + 2, cpu_now
             await asyncio.wait([done], timeout=SAMPLE_INTERVAL)
         attack_result, health = await done
         cpu = (node.cpu() - cpu0) / (time.monotonic() - t0) if alive else math.nan

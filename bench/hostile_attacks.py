@@ -382,6 +382,7 @@ async def no_read(c: dict, deadline: float, t: Tally) -> None:
 
     async def one(i: int) -> None:
         reader, writer = await ws_open(port)
+        opened = time.monotonic()
         writer.transport.pause_reading()
         t.attempts += 1
         text = b"not json" if i % 2 == 0 else b'{"type":"status","status":"online"}'
@@ -404,6 +405,10 @@ async def no_read(c: dict, deadline: float, t: Tally) -> None:
             answer = "closed by the node"
         if writer.transport.is_closing():
             answer = "closed by the node"
+        if answer == "closed by the node":
+            lived = time.monotonic() - opened
+            t.figures["closed after s (first)"] = min(t.figures.get("closed after s (first)", lived), lived)
+            t.most("closed after s (last)", lived)
         t.answers[answer] += 1
         t.sent += sent
         drop(writer)
