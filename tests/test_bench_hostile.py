@@ -35,3 +35,30 @@ def test_short_hostile_run_answers_each_attack_as_documented(tmp_path):
     assert rows["bodies"]["answers"]["413 errno 45 (Content-Length)"] > 0
     assert rows["signin"]["answers"]["429"] > 0 and rows["signin"]["answers"].get("200", 0) <= 10
     assert set(rows["heads"]["answers"]) == {"431"}
+
+
+def test_the_ssrf_names_resolve_to_addresses_the_node_refuses():
+    """Row 3's names are read as internal IPv4 addresses by the resolver (no DNS query: hex parts), and
+    presence.fetch refuses every one: the attack measures the refusal, not a timeout."""
+    import socket
+
+    from bench.hostile_attacks import internal_names
+    from presence.fetch import address_refusal
+
+    names = internal_names(300)
+    assert len(set(names)) == 300 and "0xa9.0xfe.0xa9.0xfe" in names
+    for name in names:
+        address = socket.getaddrinfo(name, 443, 0, socket.SOCK_STREAM)[0][4][0]
+        assert address_refusal(address) is not None, (name, address)
+
+
+def test_the_table_has_a_row_per_issue_item():
+    from bench.hostile import ATTACKS, render
+
+    rows = [{"number": a.number, "title": a.title, "answers": {"x": 1}, "as_documented": True, "documented": "",
+             "worst_ms": 1.0, "p99_ms": 1.0, "rss_growth_mb": 0.0, "within_goal": True, "kept_serving": True}
+            for a in ATTACKS]
+    table = render({"rows": rows})
+    assert [line.split(".", 1)[0].strip("| ") for line in table.splitlines()[2:]] == [
+        str(n) for n in range(11)]
+    assert "not a load attack" in table
