@@ -11,5 +11,6 @@ reference_autobahn and reference_floor (the references), report (tables and targ
 cross-node`: three nodes on one PostgreSQL, devices on A, the application on B and C; pg makes and
 drops its database) and notifications (`python -m bench notify`: an application posting live
 notifications, with poster, to devices on one node). docs/performance.md has the results and how
-to read them.
+to read them. `python -m bench hostile` (hostile, hostile_attacks, hostile_client) runs each attack of
+issue 14 against a node with a healthy device beside it; its table is in docs/security.md.
 """

@@ -7,6 +7,7 @@
     python -m bench notify --devices 10000       # live notifications on one node (issue 7)
     python -m bench cluster-hold --connections 45000 --nodes 3   # N connections on K nodes (issue 8)
     python -m bench chaos --seconds 600 --seed 42  # fault injection and the invariants (issue 13)
+    python -m bench hostile --seconds 10 --out hostile.json  # each attack of issue 14, a healthy client beside it
 
 See bench/__init__.py and docs/performance.md.
 """
@@ -110,6 +111,9 @@ def parser() -> argparse.ArgumentParser:
     from bench.chaos import add_parser as chaos_parser
 
     chaos_parser(sub)
+    from bench.hostile import add_parser as hostile_parser
+
+    hostile_parser(sub)
     t = sub.add_parser("top", help="the hot spots of a py-spy raw profile")
     t.add_argument("profile", type=Path)
     t.add_argument("--limit", type=int, default=25)
@@ -186,6 +190,11 @@ def main(argv: list[str] | None = None) -> None:
         from bench.chaos import main as chaos
 
         chaos(o)
+        return
+    if o.command == "hostile":
+        from bench.hostile import main as hostile
+
+        hostile(o)
         return
     if o.command == "cluster-hold":
         from bench.cluster_hold import settle as settle_cluster

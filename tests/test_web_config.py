@@ -139,7 +139,7 @@ async def test_another_key_stops_the_node_with_a_clear_message(sqlite_store, tmp
 def test_the_hostile_input_options_have_help_defaults_and_are_in_the_operator_guide():
     helped = dict(SETTINGS)
     guide = (Path(__file__).parent.parent / "docs" / "operations.md").read_text()
-    security = (Path(__file__).parent.parent / "docs" / "security-fetch.md").read_text()
+    security = (Path(__file__).parent.parent / "docs" / "security.md").read_text()
     for name in ("support_timeout", "max_assertion_lifetime", "max_certificate_lifetime", "clock_skew",
                  "fetch_max_head", "fetch_max_header_lines", "max_body", "secrets_key_file",
                  "login_links_per_client", "login_links_total", "client_address_header"):
