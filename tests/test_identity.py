@@ -1012,3 +1012,28 @@ def test_the_certificate_cache_is_bounded(env):
     for i in range(5):
         verify(verifier, env.assertion(email=f"u{i}@example.com"))
     assert len(verifier._verified_certs) == 3
+
+
+def test_a_cached_failure_does_not_grow_with_every_caller():
+    """A failed lookup is cached for a while; every caller gets its own copy of the error, so its
+    traceback (and the callers' frames it keeps alive) does not grow with each lookup."""
+    import traceback
+
+    class Refusing:
+        def get(self, url, **kw):
+            from twisted.internet.defer import fail
+            from twisted.internet.error import ConnectionRefusedError
+
+            return fail(ConnectionRefusedError("nobody home"))
+
+    support = SupportDocuments(TreqFetcher(Refusing()), Clock(), 3600, False, 10)
+    depths = []
+    for _ in range(200):
+        d = support.document("example.com")
+        failures = []
+        d.addErrback(failures.append)
+        try:
+            failures[0].raiseException()
+        except IdentityError as e:
+            depths.append(len(traceback.extract_tb(e.__traceback__)))
+    assert max(depths) <= depths[0] + 2        # not one frame more per lookup

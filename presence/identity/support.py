@@ -50,6 +50,14 @@ class NoSupport(IdentityError):
         super().__init__(errors.ASSERTION_UNAVAILABLE, message)
 
 
+def _fresh(error: Exception) -> Exception:
+    """The same error, without a traceback (its constructor is not called: its fields are copied)."""
+    copy = type(error).__new__(type(error))
+    copy.__dict__.update(error.__dict__)
+    copy.args = error.args
+    return copy
+
+
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host.strip("[]"))
@@ -185,7 +193,9 @@ class SupportDocuments:
         entry = self._cache.get(domain)
         if entry is not None:
             if entry.expires > self._clock.seconds():
-                return succeed(entry.document) if entry.error is None else fail(entry.error)
+                # a copy each time: raising the cached error itself would grow its traceback with
+                # every caller's frames, and keep them all alive as long as the cache entry
+                return succeed(entry.document) if entry.error is None else fail(_fresh(entry.error))
             del self._cache[domain]
         # Each caller gets a Deferred of its own, so cancelling one does not cancel the others.
         d: Deferred[SupportDocument] = Deferred()
@@ -236,12 +246,12 @@ class SupportDocuments:
             error = result.value
             log.info("support document of {domain} unavailable: {error} ({detail})", domain=domain, error=error,
                      detail=getattr(error, "detail", ""), event="identity.support_unavailable")
-            self._cache[domain] = _Entry(now + self.failure_ttl, error=error)
+            self._cache[domain] = _Entry(now + self.failure_ttl, error=_fresh(error))
         else:
             self._cache[domain] = _Entry(now + self.ttl, document=result)
         for d in self._inflight.pop(domain, []):
             if isinstance(result, Failure):
-                d.errback(Failure(result.value))
+                d.errback(Failure(_fresh(result.value)))
             else:
                 d.callback(result)
 
