@@ -314,7 +314,7 @@ async def test_the_whole_path_in_a_real_browser(tmp_path):
 
         # Verify before the key is served: the page says why, and that it keeps checking.
         text = await browser.run(verify, dev, app["id"])
-        assert "HTTP 404" in text and "checks again by itself" in text, text
+        assert "did not serve this application's verification key" in text and "checks again by itself" in text, text
         await browser.run(snapshot, dev, str(tmp_path / "myapps-polling.png"))
         developer_site.key = app["key"].encode() + b"\n"
         text = await browser.run(verify, dev, app["id"])
