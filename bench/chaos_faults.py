@@ -4,7 +4,8 @@ PostgreSQL.
 
     kill9      SIGKILL a node, restart it under the same name on the same database (Restart=on-failure)
     pause      SIGSTOP a node past --node-timeout (sometimes past --log-retention), then SIGCONT
-    dbconn     pg_terminate_backend of one node's connections (its pool and its LISTEN connection)
+    dbconn     pg_terminate_backend of one node's connections (its pool and its LISTEN connection), by
+               application_name and datname: the private instance's own database only
     dbrestart  restart the private PostgreSQL (fast: clean, or immediate: as after a crash)
     skew       restart a node with its wall clock off by up to 2 s (libfaketime); it keeps that clock
                until its next skew fault (which may bring it back near 0)
