@@ -285,18 +285,10 @@ class Hostile:
         return self.results
 
     async def wait_quiet(self, limit: float) -> None:
-        """Wait (up to `limit` seconds) until other processes have used under 10% of a core for 5 s."""
-        say(f"waiting up to {limit:g}s for the machine to be quiet")
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < limit:
-            await asyncio.sleep(1)
-            recent = [share for when, share in self.load.samples if when > time.monotonic() - 5]
-            if len(recent) >= 8 and max(recent) < 0.10:
-                say(f"quiet after {time.monotonic() - t0:.0f}s")
-                self.results["meta"]["quiet_after_s"] = round(time.monotonic() - t0)
-                return
-        say(f"the machine was not quiet after {limit:g}s; measuring anyway")
-        self.results["meta"]["quiet_after_s"] = None
+        waited = await self.load.wait_quiet(limit, say)
+        if waited is None:
+            say(f"the machine was not quiet after {limit:g}s; measuring anyway")
+        self.results["meta"]["quiet_after_s"] = None if waited is None else round(waited)
 
     async def group(self, group: str, todo: list[Attack]) -> dict[str, dict]:
         """Start the attackers (prepared, waiting), then the node, then run the attacks one by one."""

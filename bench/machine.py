@@ -74,6 +74,19 @@ class LoadMonitor:
             self.samples.append((t1, max(other, 0.0) / (t1 - t0)))
             before, t0 = now, t1
 
+    async def wait_quiet(self, limit: float, say) -> float | None:
+        """Wait (up to `limit` seconds) until other processes have used under 10% of a core for 5 s;
+        returns how long that took, or None if the machine never got quiet."""
+        say(f"waiting up to {limit:g}s for the machine to be quiet")
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < limit:
+            await asyncio.sleep(1)
+            recent = [share for when, share in self.samples if when > time.monotonic() - 5]
+            if len(recent) >= 8 and max(recent) < 0.10:
+                say(f"quiet after {time.monotonic() - t0:.0f}s")
+                return time.monotonic() - t0
+        return None
+
     def since(self, t: float) -> tuple[float, float]:
         """Mean and max share of a core other processes used since monotonic time `t` (in %)."""
         values = [share for when, share in self.samples if when >= t]

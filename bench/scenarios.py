@@ -204,16 +204,8 @@ class Bench:
         say(f"store seeded: {seeded['apps']:,} applications, {seeded['grants']:,} grants in {seeded['seconds']}s")
 
     async def wait_quiet(self, limit: float) -> None:
-        """Wait (up to `limit` seconds) until other processes have used under 10% of a core for 5 s."""
-        say(f"waiting up to {limit:g}s for the machine to be quiet")
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < limit:
-            await asyncio.sleep(1)
-            recent = [share for when, share in self.load.samples if when > time.monotonic() - 5]
-            if len(recent) >= 8 and max(recent) < 0.10:
-                say(f"quiet after {time.monotonic() - t0:.0f}s")
-                return
-        self.notes.append(f"the machine was not quiet after waiting {limit:g}s")
+        if await self.load.wait_quiet(limit, say) is None:
+            self.notes.append(f"the machine was not quiet after waiting {limit:g}s")
 
     def profiler(self, t: Target, name: str) -> Profiler | None:
         return Profiler(t.pid, self.o.profile / f"{name}.txt") if self.o.profile and t.is_node else None
