@@ -28,7 +28,9 @@ def encode(updates: Iterable[Update]) -> bytes:
     dicts (tests/test_streams.py holds the two equal)."""
     return ("[" + ",".join([
         '{"email":' + _string(u.email) + ',"status":' + _string(u.status) + ',"uid":' + _string(u.uid)
-        + ',"at":' + repr(round(u.at, 3)) + ',"seq":' + str(u.seq) + "}" for u in updates]) + "]").encode("ascii")
+        + ',"at":' + repr(round(u.at, 3)) + ',"seq":' + str(u.seq) + ',"last_active":'
+        + ("null" if u.last_active is None else repr(round(u.last_active, 3))) + "}"
+        for u in updates]) + "]").encode("ascii")
 
 
 def encode_parts(updates: list[Update], limit: int) -> list[tuple[bytes, list[Update]]]:

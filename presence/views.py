@@ -8,7 +8,7 @@ view it changed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 from presence.status import most_available
@@ -25,10 +25,12 @@ class Update:
     status: str
     at: float
     seq: int = 0        # the change log's number of the change that made it (0: not logged)
+    # When a device of the person was last online (None: unknown); derived, so not part of equality.
+    last_active: float | None = field(default=None, compare=False)
 
     def as_json(self) -> dict:
         return {"email": self.email, "status": self.status, "uid": self.uid, "at": round(self.at, 3),
-                "seq": self.seq}
+                "seq": self.seq, "last_active": None if self.last_active is None else round(self.last_active, 3)}
 
 
 def visible_to(device: Device, app_id: str) -> bool:

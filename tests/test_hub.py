@@ -60,7 +60,7 @@ async def test_only_granted_applications_hear_a_status(sqlite_store):
     w.clock.advance(0.05)
     assert g_peer.sent == [[{"email": "alice@example.com", "status": "online",
                              "uid": w.uids[("alice@example.com", granted)], "at": 1_000_000.0,
-                             "seq": await sqlite_store.last_change()}]]
+                             "seq": await sqlite_store.last_change(), "last_active": 1_000_000.0}]]
     assert o_peer.sent == []
     assert (await sqlite_store.get_status("alice@example.com")).status == "online"
 

@@ -125,6 +125,21 @@ class PersonStatus:
 
 
 @dataclass(frozen=True)
+class PersonState:
+    """One granted person as one application sees them now (sync, resync, the HTTP queries)."""
+
+    email: str
+    uid: str
+    status: str
+    last_active: float | None    # when a device of theirs was last online (None: never)
+    seq: int                     # the number of their last logged change: the state is current at it
+
+    def as_json(self) -> dict:
+        return {"email": self.email, "uid": self.uid, "status": self.status,
+                "last_active": None if self.last_active is None else round(self.last_active, 3), "seq": self.seq}
+
+
+@dataclass(frozen=True)
 class PendingUpdate:
     """A change waiting for an application that has no connection: the latest per person."""
 
@@ -298,6 +313,14 @@ class Store(Protocol):
     async def list_devices(self, email: str) -> list[Device]: ...
 
     async def get_status(self, email: str) -> PersonStatus | None: ...
+
+    # -- the state of an application's people (presence/store/sql_people.py) -------------------
+    async def people_page(self, app_id: str, after: str = "", limit: int = 1000) -> list[PersonState]:
+        """The application's granted people with an email after ``after``, by email, at most
+        ``limit`` (keyset pagination: a page costs the same wherever it starts)."""
+
+    async def person_state(self, app_id: str, uid: str) -> PersonState | None:
+        """One granted person by their uid for this application; None without a grant."""
 
     # -- live notifications -------------------------------------------------------------------
     async def queue_notifications(self, app_id: str, items: list[tuple[str, str, str | None]], now: float,

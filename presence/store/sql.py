@@ -28,11 +28,12 @@ from presence.store.rows import (  # noqa: F401 (Script, Interaction and PENDING
     _one_app, _pending, _record, _time, _where,
 )
 from presence.store.sql_changes import ChangeQueries
+from presence.store.sql_people import PeopleQueries
 from presence.store.sql_web import WebQueries
 from presence.store.base import ACTIVE, PENDING, VERIFIED, App, Grant, Notification, PendingUpdate, Queued
 
 
-class SQLStore(ChangeQueries, WebQueries):
+class SQLStore(ChangeQueries, PeopleQueries, WebQueries):
     """The Store interface on top of the backend primitives (see the module docstring)."""
 
     #: Names the directory of schema scripts (presence/store/schema/<dialect>/).

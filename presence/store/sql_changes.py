@@ -88,6 +88,7 @@ class ChangeQueries:
                 grants[email].append((app_id, uid))
         initial = {email: dict(d) for email, d in devices.items()}
         results: list[tuple[list, dict]] = []
+        befores: list[dict] = []
         extras = []
         logged_extras = []
         for email, mutate, extra in changes:
@@ -98,6 +99,7 @@ class ChangeQueries:
                 extra = {**(extra or {}), **said}
             logged_extras.append(extra)
             devices[email] = after
+            befores.append(before)
             results.append((views.changes(before.values(), after.values(), email, grants[email], now), after))
             if extra:
                 extras.append(extra)
@@ -113,6 +115,10 @@ class ChangeQueries:
             for i, (person_updates, _) in enumerate(results):
                 for u in person_updates:
                     u.seq = first + i
+        # Each person's last number and last_active (presence/store/sql_people.py), in this transaction.
+        yield from self._note_people([(email, before, after, person_updates, None if first is None else first + i)
+                                      for i, ((email, _, _), before, (person_updates, after))
+                                      in enumerate(zip(changes, befores, results))], now)
         if updates:
             # Only membership tests on ``held`` (the caller's live dict, read from the store's
             # thread on SQLite: atomic under the GIL; an application that just left is caught
