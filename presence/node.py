@@ -34,6 +34,7 @@ from presence.metrics import Metrics
 from presence.notifications import Notifier
 from presence.store import StoreUnavailable, open_store
 from presence.streams import Streams
+from presence.sync import Syncer
 from presence.ws.app import AppSession
 from presence.ws.device import DeviceSession
 from presence.web.bodies import limited_site
@@ -119,7 +120,8 @@ class Node(Service):
         self.ready = False
         self._gc_threshold: tuple[int, int, int] | None = None
         # This node's session classes carry its --log-connections (a class attribute: no slot each).
-        flags = {"__slots__": (), "log_connections": config.log_connections}
+        self.syncer = Syncer(self.store, self.streams, reactor, self.feed)
+        flags = {"__slots__": (), "log_connections": config.log_connections, "syncer": self.syncer}
         self._device_session = type("DeviceSession", (DeviceSession,), flags)
         self._app_session = type("AppSession", (AppSession,), flags)
 

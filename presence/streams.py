@@ -228,10 +228,13 @@ class Streams:
         return _Fanout(app_id, channel, updates, messages, list(channel.subscribers))
 
     # -- connections --------------------------------------------------------------------------
-    async def subscribe(self, app_id: str, sink: Sink) -> Subscriber:
-        """Attach a connection; it first receives what waited for the application, then live changes."""
-        subscriber = Subscriber(app_id, sink, self.clock, self.slow_limit, self.slow_timeout, self._overflowed,
-                                self.max_message)
+    async def subscribe(self, app_id: str, sink: Sink, catch_up: type[Subscriber] | None = None) -> Subscriber:
+        """Attach a connection; it first receives what waited for the application, then live changes.
+
+        ``catch_up``: the application said what it has (presence.sync): the connection is made of
+        that class and stays loading, and what waited is not sent (the log or the state covers it)."""
+        subscriber = (catch_up or Subscriber)(app_id, sink, self.clock, self.slow_limit, self.slow_timeout,
+                                              self._overflowed, self.max_message)
         channel = self.channels.setdefault(app_id, _Channel())
         channel.subscribers[subscriber] = None
         if self._fanout is not None and self._fanout.channel is channel:
@@ -248,6 +251,8 @@ class Streams:
         updates = [Update(p.app_id, p.email, p.uid, p.status, p.at, p.seq) for p in waiting] + kept
         if subscriber.closed:
             self._keep(app_id, updates)   # it went while they were taken from the store: they wait again
+            return subscriber
+        if catch_up is not None:
             return subscriber
         seen = channel.seen
         for u in updates:

@@ -15,8 +15,22 @@ from presence.subscriber import Subscriber
 from presence.ws.session import Peer, Session, log
 
 
+def catch_up_fields(message: dict) -> tuple[int | None, bool]:
+    """``since`` (a change number, to resume after) and ``sync`` (send the state first), checked."""
+    since, sync = message.get("since"), message.get("sync", False)
+    if since is not None and (type(since) is not int or since < 0):
+        raise PresenceError(errors.BAD_FIELD, "since must be a change number (an integer >= 0)", errors.CLOSE_AUTH_FAILED)
+    if type(sync) is not bool:
+        raise PresenceError(errors.BAD_FIELD, "sync must be true or false", errors.CLOSE_AUTH_FAILED)
+    if since is not None and sync:
+        raise PresenceError(errors.BAD_FIELD, "send since or sync, not both (since resumes; sync sends the state)",
+                            errors.CLOSE_AUTH_FAILED)
+    return since, sync
+
+
 class AppSession(Session):
     kind = "application"
+    syncer: Any = None    # presence.sync.Syncer: Node sets it on its subclass (no slot per connection)
     __slots__ = ("notifier", "app", "app_id", "apps", "streams", "subscriber", "_authenticating")
 
     def __init__(self, peer: Peer, app_id: str, apps: Applications, streams: Streams, clock: IReactorTime,
@@ -44,6 +58,7 @@ class AppSession(Session):
     async def handle_key(self, message: dict) -> None:
         self._authenticating = True
         try:
+            since, sync = catch_up_fields(message)
             app = await self.apps.authenticate(self.app_id, message.get("key"))
         except PresenceError as e:
             self._authenticating = False
@@ -57,11 +72,23 @@ class AppSession(Session):
         if self.log_connections:
             log.info("application {app_id} connected", app_id=app.app_id, event="application.connected")
         self.peer.send_json({"result": "OK", "app_id": app.app_id})
-        subscriber = await self.streams.subscribe(self.app_id, self)
+        if since is None and not sync:
+            subscriber = await self.streams.subscribe(self.app_id, self)
+        else:
+            subscriber = await self.syncer.subscribe(self.app_id, self)
         if self.closed:
             self.streams.unsubscribe(subscriber)
-        else:
-            self.subscriber = subscriber
+            return None
+        self.subscriber = subscriber
+        if since is not None or sync:
+            try:
+                await self.syncer.catch_up(subscriber, since)
+            except Exception as e:
+                # Held changes go back to the waiting queue; the application resumes again later.
+                log.warn("catching up application {app_id} failed: {why}", app_id=self.app_id, why=e,
+                         event="application.catch_up_failed")
+                self.peer.send_json(PresenceError(errors.UNAVAILABLE, "could not catch up; reconnect and resume").reply())
+                self.close(errors.CLOSE_INTERNAL, "could not catch up; reconnect and resume")
         return None
 
     # -- as the fan-out's Sink and the transport's producer ---------------------------------------------
