@@ -17,8 +17,8 @@ from presence.status import ONLINE
 from presence.store.base import Device, PersonState
 from presence.store.rows import DEVICE_COLUMNS, IN_BATCH, _device, _in
 
-# The largest page a caller may ask for.
-MAX_PAGE = 1000
+# The largest page a caller may ask for (a bound on memory, not a default).
+MAX_PAGE = 5000
 
 
 def _active(devices: dict[str, Device]) -> bool:
@@ -67,7 +67,7 @@ class PeopleQueries:
                    tuple(v for row in part for v in row))
 
     # -- read ------------------------------------------------------------------------------------------
-    async def people_page(self, app_id: str, after: str = "", limit: int = MAX_PAGE) -> list[PersonState]:
+    async def people_page(self, app_id: str, after: str = "", limit: int = 1000) -> list[PersonState]:
         # The number before the devices: the devices are then at least as new as the number, so a
         # live change the state does not hold always has a higher number (at worst the state already
         # shows it, and the application sees the same status again with a higher number).

@@ -1,5 +1,6 @@
 """The front of a node's HTTP listeners: /healthz, /readyz and /metrics (what load balancers and
-Prometheus ask), ``POST /<appid>/notification`` (the applications' API), then the pages.
+Prometheus ask), ``POST /<appid>/notification`` and ``GET /<appid>/people[/<uid>]`` (the applications'
+API), then the pages.
 
 ``/healthz``: the process serves (always 200). ``/readyz``: the node can serve: it has started, its
 store answers and, with several nodes, its change-log listener is connected (200, else 503). Both
@@ -70,6 +71,11 @@ class Front(Resource):
             from presence.web.notify import NotificationEndpoint
 
             return NotificationEndpoint(self.node, path.decode("utf-8", "replace"))
+        if request.postpath[:1] == [b"people"] and len(request.postpath) <= 2 and request.method == b"GET":
+            from presence.web.queries import PeopleEndpoint
+
+            uid = request.postpath[1].decode("utf-8", "replace") if len(request.postpath) == 2 else None
+            return PeopleEndpoint(self.node, path.decode("utf-8", "replace"), uid)
         # hand the path segment back: the pages route on the whole path
         request.postpath.insert(0, request.prepath.pop())
         return self.pages
