@@ -248,7 +248,7 @@ class Streams:
         kept = [u for (a, _), u in list(self._unsaved.items()) if a == app_id]
         for u in kept:
             del self._unsaved[(app_id, u.email)]
-        updates = [Update(p.app_id, p.email, p.uid, p.status, p.at, p.seq) for p in waiting] + kept
+        updates = [Update(p.app_id, p.email, p.uid, p.status, p.at, p.seq, p.last_active) for p in waiting] + kept
         if subscriber.closed:
             self._keep(app_id, updates)   # it went while they were taken from the store: they wait again
             return subscriber
@@ -352,7 +352,7 @@ class Streams:
         d.addBoth(lambda _: self._writes.discard(d))
 
     def _keep(self, app_id: str, updates: list[Update]) -> None:
-        rows = [PendingUpdate(app_id, u.email, u.uid, u.status, u.at, u.seq) for u in updates]
+        rows = [PendingUpdate(app_id, u.email, u.uid, u.status, u.at, u.seq, u.last_active) for u in updates]
         d = ensureDeferred(self.store.queue_pending(rows))
         self._writes.add(d)
         self._keeping[d] = min(u.seq for u in updates)

@@ -82,3 +82,14 @@ async def test_a_group_commit_numbers_each_person_and_logs_last_active_for_other
     assert [(u.email, u.status, u.seq, u.last_active) for u in updates] == [
         ("p@x", "online", changes[0].seq, 50.0), ("q@x", "unavailable", changes[1].seq, None),
         ("p@x", "offline", changes[2].seq, 50.0)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_waiting_update_keeps_last_active(store):
+    await active_app(store, "a")
+    await store.add_grant("p@x", "a", "u-p", 1.0)
+    await store.change_person("p@x", put(dev("p@x", "phone", "online")), "n1", 10.0)
+    await store.change_person("p@x", put(dev("p@x", "phone", "unavailable")), "n1", 20.0)
+    await store.change_person("p@x", put(dev("p@x", "phone", "offline")), "n1", 30.0)
+    waiting, = await store.take_pending("a", 0)
+    assert (waiting.status, waiting.last_active) == ("offline", 20.0)

@@ -149,6 +149,8 @@ class PendingUpdate:
     status: str
     at: float
     seq: int = 0                 # the change log's number: a newer update (by number) replaces an older one
+    # When a device of the person was last online (None: unknown); derived, so not part of equality.
+    last_active: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ APP_COLUMNS = (
 )
 GRANT_COLUMNS = "email, app_id, uid, created_at"
 DEVICE_COLUMNS = "email, device, node, status, last_seen, session, scope, overrides"
-PENDING_COLUMNS = "app_id, email, uid, status, at, seq"
+PENDING_COLUMNS = "app_id, email, uid, status, at, seq, last_active"
 
 # Rows per INSERT when queueing pending updates: well below SQLite's limit on bound parameters.
 PENDING_BATCH = 500
@@ -84,5 +84,5 @@ def _where(filters: Iterable[tuple[str, Any]]) -> tuple[str, tuple]:
 
 
 def _pending(row: tuple) -> PendingUpdate:
-    app_id, email, uid, status, at, seq = row
-    return PendingUpdate(app_id, email, uid, status, float(at), int(seq))
+    app_id, email, uid, status, at, seq, last_active = row
+    return PendingUpdate(app_id, email, uid, status, float(at), int(seq), _time(last_active))

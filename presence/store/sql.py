@@ -316,26 +316,29 @@ class SQLStore(ChangeQueries, PeopleQueries, WebQueries):
 
     # -- waiting updates for applications without a connection -----------------------------
     async def queue_pending(self, updates: list[PendingUpdate]) -> None:
-        rows = [(u.app_id, u.email, u.uid, u.status, u.at, u.seq) for u in updates]
+        rows = [(u.app_id, u.email, u.uid, u.status, u.at, u.seq, u.last_active) for u in updates]
         if rows:
             await self._transaction(self._queue(rows))
 
     def _queue(self, rows: list[tuple]):
-        """Upsert pending rows (app_id, email, uid, status, at, seq), keeping the newest per
+        """Upsert pending rows (app_id, email, uid, status, at, seq(, last_active)), keeping the newest per
         (app_id, email) by the change log's number, never by a node's clock: no INSERT may touch the
         same row twice, so duplicates are folded first (the later of equal numbers wins)."""
         latest: dict[tuple[str, str], tuple] = {}
         for row in rows:
+            if len(row) == 6:
+                row = (*row, None)
             key = (row[0], row[1])
             if key not in latest or row[5] >= latest[key][5]:
                 latest[key] = row
         rows = list(latest.values())
         for start in range(0, len(rows), PENDING_BATCH):
             batch = rows[start:start + PENDING_BATCH]
-            values = ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(batch))
+            values = ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(batch))
             yield (
                 f"INSERT INTO pending ({PENDING_COLUMNS}) VALUES {values} ON CONFLICT (app_id, email)"
-                " DO UPDATE SET uid = excluded.uid, status = excluded.status, at = excluded.at, seq = excluded.seq"
+                " DO UPDATE SET uid = excluded.uid, status = excluded.status, at = excluded.at, seq = excluded.seq,"
+                " last_active = excluded.last_active"
                 " WHERE excluded.seq >= pending.seq",
                 tuple(value for row in batch for value in row),
             )

@@ -130,7 +130,8 @@ class ChangeQueries:
                 rows = yield f"SELECT DISTINCT app_id FROM subscriptions WHERE app_id IN {_in(part)}", tuple(part)
                 subscribed.update(row[0] for row in rows)
             queued = frozenset(app_ids) - subscribed
-            waiting = [(u.app_id, u.email, u.uid, u.status, u.at, u.seq) for u in updates if u.app_id in queued]
+            waiting = [(u.app_id, u.email, u.uid, u.status, u.at, u.seq, u.last_active) for u in updates
+                       if u.app_id in queued]
             if waiting:
                 yield from self._queue(waiting)
         if last is not None:
@@ -276,7 +277,8 @@ class ChangeQueries:
                 updates, queued, _ = changelog.decode(payload, int(seq))
                 for u in updates:
                     if u.app_id in apps and u.app_id not in queued:
-                        missed[(u.app_id, u.email)] = (u.app_id, u.email, u.uid, u.status, u.at, u.seq)
+                        missed[(u.app_id, u.email)] = (u.app_id, u.email, u.uid, u.status, u.at, u.seq,
+                                                         u.last_active)
                 since = int(seq)
             if len(rows) < MISSED_BATCH:
                 break

@@ -9,3 +9,5 @@ CREATE TABLE people (
     last_active  REAL
 );
 CREATE INDEX grants_app_email ON grants (app_id, email);
+-- A waiting update carries the person's last_active too.
+ALTER TABLE pending ADD COLUMN last_active REAL;
