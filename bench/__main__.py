@@ -8,6 +8,7 @@
     python -m bench cluster-hold --connections 45000 --nodes 3   # N connections on K nodes (issue 8)
     python -m bench chaos --seconds 600 --seed 42  # fault injection and the invariants (issue 13)
     python -m bench hostile --seconds 10 --out hostile.json  # each attack of issue 14, a healthy client beside it
+    python -m bench sync --grants 100000     # an application with 100,000 grants asks for the state (issue 15)
 
 See bench/__init__.py and docs/performance.md.
 """
@@ -114,6 +115,9 @@ def parser() -> argparse.ArgumentParser:
     from bench.hostile import add_parser as hostile_parser
 
     hostile_parser(sub)
+    from bench.sync import add_parser as sync_parser
+
+    sync_parser(sub)
     t = sub.add_parser("top", help="the hot spots of a py-spy raw profile")
     t.add_argument("profile", type=Path)
     t.add_argument("--limit", type=int, default=25)
@@ -195,6 +199,11 @@ def main(argv: list[str] | None = None) -> None:
         from bench.hostile import main as hostile
 
         hostile(o)
+        return
+    if o.command == "sync":
+        from bench.sync import main as sync
+
+        sync(o)
         return
     if o.command == "cluster-hold":
         from bench.cluster_hold import settle as settle_cluster
