@@ -102,12 +102,22 @@ def json_bytes(message: Any) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode("utf-8")
 
 
+_string = json.encoder.encode_basestring_ascii   # what json.dumps does to a str, in C
+
+
+def person_json(p: PersonState) -> bytes:
+    """``json_bytes(p.as_json())``, written directly (100,000 of them per sync of a large application)."""
+    return ('{"email":' + _string(p.email) + ',"uid":' + _string(p.uid) + ',"status":' + _string(p.status)
+            + ',"last_active":' + ("null" if p.last_active is None else repr(round(p.last_active, 3)))
+            + ',"seq":' + str(p.seq) + "}").encode("ascii")
+
+
 def state_messages(people: list[PersonState], limit: int) -> list[bytes]:
     """``{"type": "state", "people": [...]}`` messages of at most ``limit`` bytes each."""
     head, tail = b'{"type":"state","people":[', b"]}"
     out, part, size = [], [], len(head) + len(tail)
     for person in people:
-        item = json_bytes(person.as_json())
+        item = person_json(person)
         if part and size + len(item) + 1 > limit:
             out.append(head + b",".join(part) + tail)
             part, size = [], len(head) + len(tail)

@@ -237,3 +237,11 @@ def test_state_lists_respect_the_message_limit():
     assert len(messages) > 1 and all(len(m) <= 2000 for m in messages)
     import json
     assert [p["email"] for m in messages for p in json.loads(m)["people"]] == [p.email for p in people]
+
+
+def test_a_person_is_written_exactly_as_json_dumps_would():
+    import json
+    from presence.sync import json_bytes, person_json
+    for p in [PersonState("a@x", "u1", "online", 1764059012.3456, 12), PersonState('é"\\@x', "u", "offline", None, 0)]:
+        assert person_json(p) == json_bytes(p.as_json())
+        assert json.loads(person_json(p)) == p.as_json()
