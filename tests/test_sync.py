@@ -245,3 +245,34 @@ def test_a_person_is_written_exactly_as_json_dumps_would():
     for p in [PersonState("a@x", "u1", "online", 1764059012.3456, 12), PersonState('é"\\@x', "u", "offline", None, 0)]:
         assert person_json(p) == json_bytes(p.as_json())
         assert json.loads(person_json(p)) == p.as_json()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_catch_up_waits_while_the_socket_is_full_and_goes_on_when_it_drains(store):
+    from twisted.internet import reactor
+    from twisted.internet.defer import ensureDeferred
+    from twisted.internet.task import deferLater
+
+    w = World(store, page=2)
+    app_id = await w.app([f"p{i}@x" for i in range(9)])
+
+    class Full(ListPeer):
+        """A socket that is full after every message (the transport pauses its producer)."""
+        sub = None
+
+        def send(self, payload):
+            taken = super().send(payload)
+            self.sub.pause()
+            return taken
+
+    peer = Full()
+    peer.sub = sub = await w.syncer.subscribe(app_id, peer)
+    done = ensureDeferred(w.syncer.catch_up(sub))
+    for expected in range(1, 5):
+        await deferLater(reactor, 0.2, lambda: None)        # time for store calls: it does not go on
+        assert len(peer.sent) == expected and not done.called
+        sub.resume()
+    while not done.called:
+        await deferLater(reactor, 0.05, lambda: None)
+        sub.resume()
+    assert Model().read(peer.sent).synced is not None and len(Model().read(peer.sent).status) == 9
