@@ -532,3 +532,66 @@ async def test_a_reaped_node_subscribes_nothing(database_url):
         assert change.queued == {app.app_id}          # nobody holds it: it waits
     finally:
         await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_application_whose_subscription_fails_after_ok_is_closed_not_left_deaf(database_url):
+    """The key is answered OK before the node registers the stream; if that registration then fails
+    (the store went away, or the node was just reaped), a connection left open would look live to
+    the application while nothing reaches it and its changes wait in the store for a reconnect that
+    never comes. Found by the chaos checker: every status of one application stuck as offline."""
+    from presence.metrics import Metrics
+    from presence.ws.app import AppSession
+
+    store = open_store(database_url)
+    await store.open()
+    try:
+        app, key = await new_app(store, "alice@example.com")
+        now = await store.now()
+        await store.register_node("gone#1", now - 100, 0)
+        await store.register_node("reaper", now, 0)
+        assert (await store.reap_node("reaper", 1.0, before=now - 30)).node == "gone#1"
+        clock = Clock()
+        streams = Streams(store, clock, "gone#1")
+        streams.fence = True
+        peer = ListPeer()
+        session = AppSession(peer, app.app_id, Applications(store, reactor), streams, clock, 10, Metrics(), None)
+        await session._handle('{"key": "%s"}' % key)
+        assert peer.sent[0]["result"] == "OK"
+        assert peer.closed is not None and peer.closed[0] == 1011, peer.sent   # it reconnects, and is told
+        assert session.subscriber is None and streams.connection_count() == 0
+        assert await store.subscribed([app.app_id]) == set()
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_device_whose_waiting_notifications_cannot_be_read_after_ok_is_closed(database_url):
+    """The same for a device: answered OK, then its waiting notifications could not be read. Left
+    open it would never be given them (they are sent on connect only); closed, it reconnects and is."""
+    from types import SimpleNamespace
+
+    from presence.metrics import Metrics
+    from presence.ws.device import DeviceSession
+
+    class Verifier:
+        async def verify(self, assertion):
+            return SimpleNamespace(email="alice@example.com")
+
+    store = open_store(database_url)
+    await store.open()
+    try:
+        clock = Clock()
+        hub = Hub(store, Streams(store, clock), clock, "n")
+        notifier = Notifier(store, hub, clock, "n")
+
+        async def store_gone(email):
+            raise StoreUnavailable("injected: the database went away")
+        notifier.waiting = store_gone
+        peer = Phone()
+        session = DeviceSession(peer, hub, Verifier(), clock, 10, 10.0, 10, Metrics(), notifier)
+        await session._handle('{"type": "connect", "assertion": "a~b", "device": "phone"}')
+        assert peer.sent[0]["result"] is True
+        assert peer.closed is not None and peer.closed[0] == 1011, peer.sent
+    finally:
+        await store.close()
