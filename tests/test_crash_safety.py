@@ -12,6 +12,7 @@ import time
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock, deferLater
 
 from presence.apps import Applications
@@ -593,5 +594,68 @@ async def test_a_device_whose_waiting_notifications_cannot_be_read_after_ok_is_c
         await session._handle('{"type": "connect", "assertion": "a~b", "device": "phone"}')
         assert peer.sent[0]["result"] is True
         assert peer.closed is not None and peer.closed[0] == 1011, peer.sent
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_registration_is_never_undone_by_the_previous_connections_late_removal(database_url):
+    """The last connection of an application leaves (its registry row is being removed) and the next
+    one registers meanwhile: the removal must not land after the registration, or the live
+    connection's row is gone and other nodes queue its changes for a reconnect that never comes."""
+    from twisted.internet.defer import Deferred
+
+    store = open_store(database_url)
+    await store.open()
+    try:
+        app, _ = await new_app(store, "alice@example.com")
+        streams = Streams(store, Clock(), "n1")
+        first = await streams.subscribe(app.app_id, ListPeer())
+        assert await store.subscribed([app.app_id]) == {app.app_id}
+        gate, real = Deferred(), store.unsubscribe
+
+        async def slow_unsubscribe(node, app_id):
+            await gate                   # the removal's statement is slow to commit
+            await real(node, app_id)
+        store.unsubscribe = slow_unsubscribe
+        streams.unsubscribe(first)
+        second = ensureDeferred(streams.subscribe(app.app_id, ListPeer()))
+        await deferLater(reactor, 0.2, lambda: None)    # the registration had every chance to go first
+        gate.callback(None)
+        await second
+        await streams.flush()
+        assert await store.subscribed([app.app_id]) == {app.app_id}
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_removal_that_failed_is_retried_so_nobody_holds_a_gone_application(database_url):
+    """The last connection left while the database was away: the row would say this node holds the
+    application for ever, so other nodes would neither queue its changes nor anyone send them."""
+    from tests.fakes import eventually
+
+    store = open_store(database_url)
+    await store.open()
+    try:
+        app, _ = await new_app(store, "alice@example.com")
+        clock = Clock()
+        streams = Streams(store, clock, "n1", retry_delay=5.0)
+        subscriber = await streams.subscribe(app.app_id, ListPeer())
+        real, calls = store.unsubscribe, []
+
+        async def away_once(node, app_id):
+            calls.append(app_id)
+            if len(calls) == 1:
+                raise StoreUnavailable("injected: the database went away")
+            await real(node, app_id)
+        store.unsubscribe = away_once
+        streams.unsubscribe(subscriber)
+        await eventually(lambda: len(calls) == 1)
+        assert await store.subscribed([app.app_id]) == {app.app_id}
+        clock.advance(5.0)
+        await eventually(lambda: len(calls) == 2)
+        await streams.flush()
+        assert await store.subscribed([app.app_id]) == set()
     finally:
         await store.close()
