@@ -659,3 +659,27 @@ async def test_a_removal_that_failed_is_retried_so_nobody_holds_a_gone_applicati
         assert await store.subscribed([app.app_id]) == set()
     finally:
         await store.close()
+
+
+def test_a_socket_libpq_already_dropped_is_a_lost_connection_not_a_traceback():
+    """txpostgres registers the socket again after libpq dropped it (fd -1) while psycopg2 still
+    says the connection is open: seen as 'Unhandled Error' tracebacks during database restarts."""
+    from types import SimpleNamespace
+
+    from presence.store.postgres import _Connection
+    from twisted.internet import error
+    from txpostgres import txpostgres
+
+    lost = []
+    conn = _Connection.__new__(_Connection)
+    conn.reactor = SimpleNamespace(callLater=lambda delay, f: lost.append(f))
+    conn.on_lost = lambda: None
+    conn._connection = SimpleNamespace(closed=0)
+    original = txpostgres.Connection.doRead
+    txpostgres.Connection.doRead = lambda self: (_ for _ in ()).throw(
+        ValueError("file descriptor cannot be a negative integer (-1)"))
+    try:
+        assert isinstance(conn.doRead(), error.ConnectionLost)
+    finally:
+        txpostgres.Connection.doRead = original
+    assert lost == [conn.on_lost]

@@ -60,9 +60,10 @@ class _Connection(txpostgres.Connection):
             return super().doRead()
         except CONNECTION_ERRORS as e:  # only raised when no query is waiting for the answer
             return self._lost(_reason(e))
-        except ValueError:
-            # txpostgres registers the socket again after psycopg2 closed it (fd -1): lost as well
-            if getattr(getattr(self, "_connection", None), "closed", 1):
+        except ValueError as e:
+            # txpostgres registers the socket again after libpq dropped it (fd -1; psycopg2 may not
+            # mark the connection closed yet): lost as well
+            if "negative" in str(e) or getattr(getattr(self, "_connection", None), "closed", 1):
                 return self._lost("the server closed the connection")
             raise
 
