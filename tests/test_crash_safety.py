@@ -683,3 +683,70 @@ def test_a_socket_libpq_already_dropped_is_a_lost_connection_not_a_traceback():
     finally:
         txpostgres.Connection.doRead = original
     assert lost == [conn.on_lost]
+
+
+# -- a commit whose answer was lost: a notification is stored once, and the application told so --
+@pytest_twisted.ensureDeferred
+async def test_notifications_whose_commit_answer_was_lost_are_answered_ok_once_stored(database_url):
+    """The database went away just as the batch committed: the node cannot tell whether it was
+    stored, and an errno 50 would make the application send it again (stored twice, under two ids).
+    The node reads its log entry back once the database answers, and answers OK with the ids."""
+    from presence.store import CommitUnknown
+
+    store = open_store(database_url)
+    await store.open()
+    store.settle_clock = reactor
+    try:
+        app, _ = await new_app(store, "alice@example.com")
+        uid = (await store.get_grant("alice@example.com", app.app_id)).uid
+        inner = store._transaction
+
+        async def answer_lost(interaction):
+            await inner(interaction)
+            raise CommitUnknown("injected: committed, but the answer was lost with the connection")
+        store._transaction = answer_lost
+        results = await store.queue_notifications(app.app_id, [(uid, "hello", None), ("nobody", "x", None)], 5.0,
+                                                  100, origin="n1")
+        store._transaction = inner
+        stored = await store.pending_notifications("alice@example.com", 0)
+        assert [n.message for n in stored] == ["hello"]
+        assert results[1] is None
+        assert results[0].notification == stored[0] and results[0].queue_size == 1
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_lost_at_the_commit_itself_is_settled_from_the_log(postgres_url):
+    """The real thing on PostgreSQL: a deferred trigger ends the session at COMMIT, so the commit's
+    answer never comes (and nothing is applied). The store says CommitUnknown, then settles it:
+    not in the log, so StoreUnavailable, and the application may send the batch again."""
+    import psycopg2
+
+    from presence.store import CommitUnknown
+
+    store = open_store(postgres_url)
+    await store.open()
+    store.settle_clock = reactor
+    try:
+        app, _ = await new_app(store, "alice@example.com")
+        uid = (await store.get_grant("alice@example.com", app.app_id)).uid
+        with psycopg2.connect(postgres_url) as db, db.cursor() as cur:
+            cur.execute("CREATE FUNCTION die_at_commit() RETURNS trigger LANGUAGE plpgsql AS"
+                        " $$ BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NULL; END $$")
+            cur.execute("CREATE CONSTRAINT TRIGGER die AFTER INSERT ON notifications DEFERRABLE INITIALLY DEFERRED"
+                        " FOR EACH ROW WHEN (NEW.message = 'doomed') EXECUTE FUNCTION die_at_commit()")
+        seen = []
+        settle = store._settle_notifications
+
+        async def watch(*args):
+            seen.append("settling")
+            return await settle(*args)
+        store._settle_notifications = watch
+        with pytest.raises(StoreUnavailable) as caught:
+            await store.queue_notifications(app.app_id, [(uid, "doomed", None)], 5.0, 100, origin="n1")
+        assert seen == ["settling"] and not isinstance(caught.value, CommitUnknown)
+        assert await store.pending_notifications("alice@example.com", 0) == []
+        assert (await store.queue_notifications(app.app_id, [(uid, "fine", None)], 6.0, 100, origin="n1"))[0]
+    finally:
+        await store.close()

@@ -1,12 +1,12 @@
 """Persistent state: one interface (base.Store), two backends (SQLite, PostgreSQL)."""
 
 from presence.store.base import (
-    App, Device, Grant, LoggedChange, NodeFenced, Notification, PendingUpdate, PersonChange, PersonStatus, Queued,
+    App, CommitUnknown, Device, Grant, LoggedChange, NodeFenced, Notification, PendingUpdate, PersonChange, PersonStatus, Queued,
     Reaped, Store, StoreUnavailable,
 )
 
 __all__ = [
-    "App", "Device", "Grant", "LoggedChange", "NodeFenced", "Notification", "Reaped", "PendingUpdate", "Queued", "PersonChange", "PersonStatus", "Store",
+    "App", "CommitUnknown", "Device", "Grant", "LoggedChange", "NodeFenced", "Notification", "Reaped", "PendingUpdate", "Queued", "PersonChange", "PersonStatus", "Store",
     "StoreUnavailable", "open_store",
 ]
 
