@@ -17,6 +17,7 @@ import asyncio
 import json
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -49,6 +50,9 @@ def add_parser(sub) -> None:
     c.add_argument("--faults", default=None,
                    help="only these fault kinds, comma-separated (default: every kind the scenario has); "
                         "'none': traffic and checks without faults, a baseline")
+    c.add_argument("--log-retention", type=float, default=None,
+                   help="the nodes' --log-retention in seconds (default 5, short so that trimming is exercised); "
+                        "raise it with --keep to read a violation's changes in the kept log")
 
 
 def say(line: str) -> None:
@@ -60,7 +64,7 @@ class Scenario:
 
     def __init__(self, o: argparse.Namespace, name: str, budget: float):
         self.o, self.name, self.budget = o, name, budget
-        self.t = Timings()
+        self.t = Timings() if o.log_retention is None else Timings(log_retention=o.log_retention)
         self.node_names = ["a"] if name == "sqlite" else ["a", "b", "c"]
         self.run_dir = Path(tempfile.mkdtemp(prefix=f"presence-chaos-{name}-"))
         self.pg: PrivatePostgres | None = None
@@ -229,7 +233,8 @@ class Scenario:
 def replay(o: argparse.Namespace, scenario: str) -> str:
     return (f"python -m bench chaos --seed {o.seed} --scenario {scenario} --seconds {o.seconds:g} "
             f"--people {o.people} --apps {o.apps}" + (f" --per-round {o.per_round}" if o.per_round else "")
-            + (f" --faults {o.faults}" if o.faults else ""))
+            + (f" --faults {o.faults}" if o.faults else "")
+            + (f" --log-retention {o.log_retention:g}" if o.log_retention is not None else ""))
 
 
 def table(results: list[dict], o: argparse.Namespace) -> str:
@@ -270,6 +275,9 @@ async def run(o: argparse.Namespace) -> list[dict]:
 
 
 def main(o: argparse.Namespace) -> None:
+    # SIGTERM (a timeout, kill) ends the run like Ctrl-C: the finally below and atexit stop every
+    # node and the private PostgreSQL instead of leaving them behind
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("chaos: stopped by SIGTERM; everything it started was stopped"))
     if o.seed is None:
         o.seed = random.SystemRandom().randrange(1, 10**6)
     say(f"chaos: seed {o.seed}, scenario {o.scenario}, {o.seconds:g}s "

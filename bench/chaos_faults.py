@@ -3,7 +3,7 @@ faults, whatever the timing), and the coroutines that inject them into a ChaosNo
 PostgreSQL.
 
     kill9      SIGKILL a node, restart it under the same name on the same database (Restart=on-failure)
-    pause      SIGSTOP a node past --node-timeout (sometimes past --log-retention), then SIGCONT
+    pause      SIGSTOP a node past --node-timeout (sometimes past a --log-retention of 5 s), then SIGCONT
     dbconn     pg_terminate_backend of one node's connections (its pool and its LISTEN connection), by
                application_name and datname: the private instance's own database only
     dbrestart  restart the private PostgreSQL (fast: clean, or immediate: as after a crash)
@@ -26,6 +26,10 @@ class Timings:
     node_timeout: float = 3.0
     grace: float = 0.5
     log_retention: float = 5.0
+    long_pause: float = 5.0   # a long pause's base: past the default retention, not a raised one
+
+    def __post_init__(self) -> None:
+        self.long_pause = min(self.long_pause, self.log_retention)
 
 
 @dataclass
@@ -75,7 +79,7 @@ class Schedule:
                 params = {"down": round(rng.uniform(0.1, 1.0), 2)}
             elif kind == "pause":
                 past_retention = rng.random() < 0.35
-                base = t.log_retention if past_retention else t.node_timeout
+                base = t.long_pause if past_retention else t.node_timeout
                 params = {"seconds": round(base + rng.uniform(0.5, 1.5), 2)}
             elif kind == "dbrestart":
                 params = {"mode": rng.choice(("fast", "immediate")), "down": round(rng.uniform(0.2, 1.5), 2)}

@@ -27,7 +27,7 @@ class Record:
     updates: list[dict] = field(default_factory=list)        # {app, conn, n, email, status, seq}
     sent: dict[str, dict] = field(default_factory=dict)      # text -> {app, email, attempts: [outcome]}
     received: list[dict] = field(default_factory=list)       # {device, email, id, message}
-    acks: dict[int, str] = field(default_factory=dict)       # notification id -> ok | lost | ko
+    acks: dict[int, str] = field(default_factory=dict)       # notification id -> ok | lost | maybe | ko
     arrivals: itertools.count = field(default_factory=itertools.count)
 
 
@@ -58,13 +58,24 @@ class Device:
             asyncio.create_task(self._ack(self.ws, ids))
 
     async def _ack(self, ws: WS | None, ids: list[int]) -> None:
+        """Acknowledge; errno 50 (the store went away, perhaps at the commit: it may have been
+        applied) is sent again, as the protocol says is harmless, then counts as maybe made."""
         if ws is None:
             return
-        try:
-            answer = await ws.request({"type": "ack", "ids": ids})
-            outcome = "ok" if answer.get("result") == "OK" else "ko"
-        except Gone:
-            outcome = "lost"
+        outcome = "lost"
+        for _ in range(3):
+            try:
+                answer = await ws.request({"type": "ack", "ids": ids})
+            except Gone:
+                outcome = "lost"
+                break
+            if answer.get("result") == "OK":
+                outcome = "ok"
+                break
+            outcome = "maybe" if answer.get("errno") == 50 else "ko"
+            if outcome == "ko":
+                break
+            await asyncio.sleep(0.3)
         for i in ids:
             if self.fleet.record.acks.get(i) != "ok":
                 self.fleet.record.acks[i] = outcome

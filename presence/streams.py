@@ -25,6 +25,7 @@ from presence.batching import Grouped
 from presence.metrics import Metrics
 from presence.store import NodeFenced, PendingUpdate, Store
 from presence.subscriber import Sink, Subscriber, _merge, encode_lists
+from presence.unregister import Unregistrations
 from presence.views import Update
 
 log = Logger()
@@ -113,6 +114,7 @@ class Streams:
         # Connections come in bursts (a restart, a storm): registering and taking what waits is one
         # store transaction for all the applications that connect meanwhile.
         self._open = Grouped(self._open_batch)
+        self._unregistrations = Unregistrations(store, clock, retry_delay, self.channels.__contains__)
         # Subscribe only while this node's incarnation is registered (a node sets it, as the hub's).
         self.fence = False
         self.on_fenced: Callable[[], None] = lambda: None
@@ -241,6 +243,7 @@ class Streams:
             self._fanout.targets.append(subscriber)    # arrived during its application's fan-out
         try:
             # Registered before taking what waits: a change made after this goes to a connection.
+            await self._unregistrations.before_register(app_id)
             waiting = await self._open(app_id)
         except BaseException:
             self.unsubscribe(subscriber)
@@ -295,7 +298,7 @@ class Streams:
                 self._keep(app_id, list(unsent.values()))
             del self.channels[app_id]
             self.recently_left[app_id] = self.clock.seconds()
-            self._track(ensureDeferred(self.store.unsubscribe(self.node, app_id)), "unregister an application")
+            self._track(self._unregistrations.start(self.node, app_id), "unregister an application")
 
     def _overflowed(self, subscriber: Subscriber) -> None:
         self.metrics.slow_closed.inc()
@@ -394,6 +397,7 @@ class Streams:
         self._due = {}
         self._send(float("inf"))     # the fan-out in progress first, as always
         self._queue = None
+        self._unregistrations.stop()
         while self._writes:
             await DeferredList(list(self._writes), consumeErrors=True)
         if self._unsaved:

@@ -12,6 +12,7 @@ import time
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock, deferLater
 
 from presence.apps import Applications
@@ -530,5 +531,222 @@ async def test_a_reaped_node_subscribes_nothing(database_url):
             devices["phone"] = Device("alice@example.com", "phone", "reaper", "online", 1.0, "s")
         change = await store.change_person("alice@example.com", online, "reaper", 2.0)
         assert change.queued == {app.app_id}          # nobody holds it: it waits
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_application_whose_subscription_fails_after_ok_is_closed_not_left_deaf(database_url):
+    """The key is answered OK before the node registers the stream; if that registration then fails
+    (the store went away, or the node was just reaped), a connection left open would look live to
+    the application while nothing reaches it and its changes wait in the store for a reconnect that
+    never comes. Found by the chaos checker: every status of one application stuck as offline."""
+    from presence.metrics import Metrics
+    from presence.ws.app import AppSession
+
+    store = open_store(database_url)
+    await store.open()
+    try:
+        app, key = await new_app(store, "alice@example.com")
+        now = await store.now()
+        await store.register_node("gone#1", now - 100, 0)
+        await store.register_node("reaper", now, 0)
+        assert (await store.reap_node("reaper", 1.0, before=now - 30)).node == "gone#1"
+        clock = Clock()
+        streams = Streams(store, clock, "gone#1")
+        streams.fence = True
+        peer = ListPeer()
+        session = AppSession(peer, app.app_id, Applications(store, reactor), streams, clock, 10, Metrics(), None)
+        await session._handle('{"key": "%s"}' % key)
+        assert peer.sent[0]["result"] == "OK"
+        assert peer.closed is not None and peer.closed[0] == 1011, peer.sent   # it reconnects, and is told
+        assert session.subscriber is None and streams.connection_count() == 0
+        assert await store.subscribed([app.app_id]) == set()
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_device_whose_waiting_notifications_cannot_be_read_after_ok_is_closed(database_url):
+    """The same for a device: answered OK, then its waiting notifications could not be read. Left
+    open it would never be given them (they are sent on connect only); closed, it reconnects and is."""
+    from types import SimpleNamespace
+
+    from presence.metrics import Metrics
+    from presence.ws.device import DeviceSession
+
+    class Verifier:
+        async def verify(self, assertion):
+            return SimpleNamespace(email="alice@example.com")
+
+    store = open_store(database_url)
+    await store.open()
+    try:
+        clock = Clock()
+        hub = Hub(store, Streams(store, clock), clock, "n")
+        notifier = Notifier(store, hub, clock, "n")
+
+        async def store_gone(email):
+            raise StoreUnavailable("injected: the database went away")
+        notifier.waiting = store_gone
+        peer = Phone()
+        session = DeviceSession(peer, hub, Verifier(), clock, 10, 10.0, 10, Metrics(), notifier)
+        await session._handle('{"type": "connect", "assertion": "a~b", "device": "phone"}')
+        assert peer.sent[0]["result"] is True
+        assert peer.closed is not None and peer.closed[0] == 1011, peer.sent
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_registration_is_never_undone_by_the_previous_connections_late_removal(database_url):
+    """The last connection of an application leaves (its registry row is being removed) and the next
+    one registers meanwhile: the removal must not land after the registration, or the live
+    connection's row is gone and other nodes queue its changes for a reconnect that never comes."""
+    from twisted.internet.defer import Deferred
+
+    store = open_store(database_url)
+    await store.open()
+    try:
+        app, _ = await new_app(store, "alice@example.com")
+        streams = Streams(store, Clock(), "n1")
+        first = await streams.subscribe(app.app_id, ListPeer())
+        assert await store.subscribed([app.app_id]) == {app.app_id}
+        gate, real = Deferred(), store.unsubscribe
+
+        async def slow_unsubscribe(node, app_id):
+            await gate                   # the removal's statement is slow to commit
+            await real(node, app_id)
+        store.unsubscribe = slow_unsubscribe
+        streams.unsubscribe(first)
+        second = ensureDeferred(streams.subscribe(app.app_id, ListPeer()))
+        await deferLater(reactor, 0.2, lambda: None)    # the registration had every chance to go first
+        gate.callback(None)
+        await second
+        await streams.flush()
+        assert await store.subscribed([app.app_id]) == {app.app_id}
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_removal_that_failed_is_retried_so_nobody_holds_a_gone_application(database_url):
+    """The last connection left while the database was away: the row would say this node holds the
+    application for ever, so other nodes would neither queue its changes nor anyone send them."""
+    from tests.fakes import eventually
+
+    store = open_store(database_url)
+    await store.open()
+    try:
+        app, _ = await new_app(store, "alice@example.com")
+        clock = Clock()
+        streams = Streams(store, clock, "n1", retry_delay=5.0)
+        subscriber = await streams.subscribe(app.app_id, ListPeer())
+        real, calls = store.unsubscribe, []
+
+        async def away_once(node, app_id):
+            calls.append(app_id)
+            if len(calls) == 1:
+                raise StoreUnavailable("injected: the database went away")
+            await real(node, app_id)
+        store.unsubscribe = away_once
+        streams.unsubscribe(subscriber)
+        await eventually(lambda: len(calls) == 1)
+        assert await store.subscribed([app.app_id]) == {app.app_id}
+        clock.advance(5.0)
+        await eventually(lambda: len(calls) == 2)
+        await streams.flush()
+        assert await store.subscribed([app.app_id]) == set()
+    finally:
+        await store.close()
+
+
+def test_a_socket_libpq_already_dropped_is_a_lost_connection_not_a_traceback():
+    """txpostgres registers the socket again after libpq dropped it (fd -1) while psycopg2 still
+    says the connection is open: seen as 'Unhandled Error' tracebacks during database restarts."""
+    from types import SimpleNamespace
+
+    from presence.store.postgres import _Connection
+    from twisted.internet import error
+    from txpostgres import txpostgres
+
+    lost = []
+    conn = _Connection.__new__(_Connection)
+    conn.reactor = SimpleNamespace(callLater=lambda delay, f: lost.append(f))
+    conn.on_lost = lambda: None
+    conn._connection = SimpleNamespace(closed=0)
+    original = txpostgres.Connection.doRead
+    txpostgres.Connection.doRead = lambda self: (_ for _ in ()).throw(
+        ValueError("file descriptor cannot be a negative integer (-1)"))
+    try:
+        assert isinstance(conn.doRead(), error.ConnectionLost)
+    finally:
+        txpostgres.Connection.doRead = original
+    assert lost == [conn.on_lost]
+
+
+# -- a commit whose answer was lost: a notification is stored once, and the application told so --
+@pytest_twisted.ensureDeferred
+async def test_notifications_whose_commit_answer_was_lost_are_answered_ok_once_stored(database_url):
+    """The database went away just as the batch committed: the node cannot tell whether it was
+    stored, and an errno 50 would make the application send it again (stored twice, under two ids).
+    The node reads its log entry back once the database answers, and answers OK with the ids."""
+    from presence.store import CommitUnknown
+
+    store = open_store(database_url)
+    await store.open()
+    store.settle_clock = reactor
+    try:
+        app, _ = await new_app(store, "alice@example.com")
+        uid = (await store.get_grant("alice@example.com", app.app_id)).uid
+        inner = store._transaction
+
+        async def answer_lost(interaction):
+            await inner(interaction)
+            raise CommitUnknown("injected: committed, but the answer was lost with the connection")
+        store._transaction = answer_lost
+        results = await store.queue_notifications(app.app_id, [(uid, "hello", None), ("nobody", "x", None)], 5.0,
+                                                  100, origin="n1")
+        store._transaction = inner
+        stored = await store.pending_notifications("alice@example.com", 0)
+        assert [n.message for n in stored] == ["hello"]
+        assert results[1] is None
+        assert results[0].notification == stored[0] and results[0].queue_size == 1
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_lost_at_the_commit_itself_is_settled_from_the_log(postgres_url):
+    """The real thing on PostgreSQL: a deferred trigger ends the session at COMMIT, so the commit's
+    answer never comes (and nothing is applied). The store says CommitUnknown, then settles it:
+    not in the log, so StoreUnavailable, and the application may send the batch again."""
+    import psycopg2
+
+    from presence.store import CommitUnknown
+
+    store = open_store(postgres_url)
+    await store.open()
+    store.settle_clock = reactor
+    try:
+        app, _ = await new_app(store, "alice@example.com")
+        uid = (await store.get_grant("alice@example.com", app.app_id)).uid
+        with psycopg2.connect(postgres_url) as db, db.cursor() as cur:
+            cur.execute("CREATE FUNCTION die_at_commit() RETURNS trigger LANGUAGE plpgsql AS"
+                        " $$ BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NULL; END $$")
+            cur.execute("CREATE CONSTRAINT TRIGGER die AFTER INSERT ON notifications DEFERRABLE INITIALLY DEFERRED"
+                        " FOR EACH ROW WHEN (NEW.message = 'doomed') EXECUTE FUNCTION die_at_commit()")
+        seen = []
+        settle = store._settle_notifications
+
+        async def watch(*args):
+            seen.append("settling")
+            return await settle(*args)
+        store._settle_notifications = watch
+        with pytest.raises(StoreUnavailable) as caught:
+            await store.queue_notifications(app.app_id, [(uid, "doomed", None)], 5.0, 100, origin="n1")
+        assert seen == ["settling"] and not isinstance(caught.value, CommitUnknown)
+        assert await store.pending_notifications("alice@example.com", 0) == []
+        assert (await store.queue_notifications(app.app_id, [(uid, "fine", None)], 6.0, 100, origin="n1"))[0]
     finally:
         await store.close()

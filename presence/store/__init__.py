@@ -1,12 +1,14 @@
 """Persistent state: one interface (base.Store), two backends (SQLite, PostgreSQL)."""
 
 from presence.store.base import (
-    App, Device, Grant, LoggedChange, NodeFenced, Notification, PendingUpdate, PersonChange, PersonState, PersonStatus, Queued,
+    App, CommitUnknown, Device, Grant, LoggedChange, NodeFenced, Notification, PendingUpdate, PersonChange, PersonState,
+    PersonStatus, Queued,
     Reaped, Store, StoreUnavailable,
 )
 
 __all__ = [
-    "App", "Device", "Grant", "LoggedChange", "NodeFenced", "Notification", "Reaped", "PendingUpdate", "Queued", "PersonChange", "PersonState", "PersonStatus", "Store",
+    "App", "CommitUnknown", "Device", "Grant", "LoggedChange", "NodeFenced", "Notification", "Reaped", "PendingUpdate", "Queued", "PersonChange", "PersonState",
+    "PersonStatus", "Store",
     "StoreUnavailable", "open_store",
 ]
 

@@ -25,6 +25,11 @@ class StoreUnavailable(Exception):
     """The database cannot be reached or failed; nothing was changed."""
 
 
+class CommitUnknown(StoreUnavailable):
+    """The connection was lost while the transaction committed: it may or may not have been
+    applied. A caller whose write is not harmless to repeat finds out which before it answers."""
+
+
 class NodeFenced(StoreUnavailable):
     """This node's incarnation is no longer registered (another node took it for dead and cleaned up
     after it): nothing was changed, and the node must close everything and rejoin as a new one."""

@@ -11,7 +11,7 @@ from twisted.internet import defer, error
 from twisted.logger import Logger
 from txpostgres import txpostgres
 
-from presence.store.base import StoreUnavailable
+from presence.store.base import CommitUnknown, StoreUnavailable
 from presence.store.sql import Interaction, Script, SQLStore
 
 T = TypeVar("T")
@@ -49,6 +49,20 @@ def _reason(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
+class _AtCommit(Exception):
+    """The connection failed at the COMMIT itself: whether the server applied it is unknown."""
+
+    def __init__(self, failure):
+        super().__init__(_reason(failure.value))
+        self.failure = failure
+
+
+def _at_commit(e: BaseException) -> bool:
+    if isinstance(e, txpostgres.RollbackFailed):
+        e = e.originalFailure.value
+    return isinstance(e, _AtCommit)
+
+
 class _Connection(txpostgres.Connection):
     """A pooled connection that reports the server closing it while idle (a restart,
     pg_terminate_backend, idle_session_timeout) to ``on_lost``, instead of an unhandled error."""
@@ -60,9 +74,10 @@ class _Connection(txpostgres.Connection):
             return super().doRead()
         except CONNECTION_ERRORS as e:  # only raised when no query is waiting for the answer
             return self._lost(_reason(e))
-        except ValueError:
-            # txpostgres registers the socket again after psycopg2 closed it (fd -1): lost as well
-            if getattr(getattr(self, "_connection", None), "closed", 1):
+        except ValueError as e:
+            # txpostgres registers the socket again after libpq dropped it (fd -1; psycopg2 may not
+            # mark the connection closed yet): lost as well
+            if "negative" in str(e) or getattr(getattr(self, "_connection", None), "closed", 1):
                 return self._lost("the server closed the connection")
             raise
 
@@ -79,7 +94,8 @@ class _Connection(txpostgres.Connection):
         cursor = self.cursor()
         d = cursor.execute("begin")
         d.addCallback(interaction, *args, **kwargs)
-        d.addCallback(lambda result: cursor.execute("commit").addCallback(lambda _: result))
+        d.addCallback(lambda result: cursor.execute("commit").addCallbacks(
+            lambda _: result, lambda f: defer.fail(_AtCommit(f)) if f.check(*CONNECTION_ERRORS) else f))
 
         def roll_back(failure):
             undo = defer.maybeDeferred(cursor.execute, "rollback")
@@ -145,6 +161,7 @@ class PostgresStore(SQLStore):
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
         self._reactor = reactor
+        self.settle_clock = reactor
         self._pool: _Pool | None = None
         self._connecting = defer.DeferredLock()
         self._closed = False
@@ -204,8 +221,13 @@ class PostgresStore(SQLStore):
             raise StoreUnavailable(
                 f"PostgreSQL at {self.where} refused the transaction: {_reason(e)}; nothing of it was applied"
             ) from e
-        except CONNECTION_ERRORS as e:
+        except (*CONNECTION_ERRORS, _AtCommit) as e:
             self._discard(pool)
+            if _at_commit(e):
+                raise CommitUnknown(
+                    f"PostgreSQL at {self.where} failed at the commit: {_reason(e)}; whether it was applied is"
+                    " unknown; the next call reconnects"
+                ) from e
             raise StoreUnavailable(
                 f"PostgreSQL at {self.where} failed: {_reason(e)}; the next call reconnects;"
                 " check that the server runs"

@@ -28,12 +28,13 @@ from presence.store.rows import (  # noqa: F401 (Script, Interaction and PENDING
     _one_app, _pending, _record, _time, _where,
 )
 from presence.store.sql_changes import ChangeQueries
+from presence.store.sql_notifications import NotificationQueries
 from presence.store.sql_people import PeopleQueries
 from presence.store.sql_web import WebQueries
 from presence.store.base import ACTIVE, PENDING, VERIFIED, App, Grant, Notification, PendingUpdate, Queued
 
 
-class SQLStore(ChangeQueries, PeopleQueries, WebQueries):
+class SQLStore(ChangeQueries, NotificationQueries, PeopleQueries, WebQueries):
     """The Store interface on top of the backend primitives (see the module docstring)."""
 
     #: Names the directory of schema scripts (presence/store/schema/<dialect>/).
@@ -216,103 +217,6 @@ class SQLStore(ChangeQueries, PeopleQueries, WebQueries):
         where, args = _where([("email", email), ("app_id", app_id)])
         rows = await self._query(f"SELECT {GRANT_COLUMNS} FROM grants{where} ORDER BY email, app_id", args)
         return [_record(Grant, row) for row in rows]
-
-    # -- live notifications -------------------------------------------------------------------
-    async def queue_notifications(self, app_id: str, items, now: float, limit: int,
-                                  origin: str | None = None) -> list[Queued | None]:
-        def interaction():
-            rows = yield "SELECT name, domain FROM applications WHERE app_id = ?", (app_id,)
-            if not rows:
-                return [None] * len(items)
-            name, domain = rows[0]
-            uids = sorted({uid for uid, _, _ in items})
-            rows = yield f"SELECT uid, email FROM grants WHERE app_id = ? AND uid IN {_in(uids)}", (app_id, *uids)
-            emails = dict(rows)
-            valid = [(emails[uid], message, action) for uid, message, action in items if uid in emails]
-            if not valid:
-                return [None] * len(items)
-            people = sorted({email for email, _, _ in valid})
-            rows = yield (f"SELECT email, COUNT(*) FROM notifications WHERE app_id = ? AND email IN {_in(people)}"
-                          " GROUP BY email", (app_id, *people))
-            sizes = {email: int(count) for email, count in rows}
-            # One multi-row insert per chunk; ids come in the order of the VALUES, ascending.
-            ids: list[int] = []
-            for start in range(0, len(valid), IN_BATCH):
-                part = valid[start:start + IN_BATCH]
-                rows = yield (
-                    "INSERT INTO notifications (email, app_id, message, action, at) VALUES "
-                    + ", ".join(["(?, ?, ?, ?, ?)"] * len(part)) + " RETURNING id",
-                    tuple(v for email, message, action in part for v in (email, app_id, message, action, now)))
-                ids += sorted(int(row[0]) for row in rows)
-            # FIFO per queue: past the limit, the oldest go (possibly earlier items of this batch).
-            drop: dict[str, int] = {}
-            queued = iter(zip(ids, valid))
-            results: list[Queued | None] = []
-            for uid, _, _ in items:
-                if uid not in emails:
-                    results.append(None)
-                    continue
-                id, (email, message, action) = next(queued)
-                size = sizes.get(email, 0) + 1
-                dropped = max(0, size - limit)
-                sizes[email] = size - dropped
-                drop[email] = drop.get(email, 0) + dropped
-                results.append(Queued(Notification(id, email, app_id, name, domain, message, action, now),
-                                      sizes[email], dropped))
-            for email, count in drop.items():
-                if count:
-                    yield (
-                        "DELETE FROM notifications WHERE id IN (SELECT id FROM notifications WHERE email = ?"
-                        " AND app_id = ? ORDER BY id LIMIT ?)", (email, app_id, count))
-            if origin is not None:
-                # Logged in the same transaction: stored and announced to the other nodes' devices
-                # together, or neither (an error then means nothing was stored).
-                delivered: dict[str, list[dict]] = {}
-                for queued in results:
-                    if queued is not None:
-                        delivered.setdefault(queued.notification.email, []).append(queued.notification.as_json())
-                yield from self._log(origin, now, changelog.encode([], extras=[{"notify": delivered}]))
-            return results
-
-        return await self._transaction(interaction())
-
-    async def pending_notifications(self, email: str, not_before: float) -> list[Notification]:
-        return (await self.pending_notifications_of([email], not_before)).get(email, [])
-
-    async def pending_notifications_of(self, emails: list[str], not_before: float) -> dict[str, list[Notification]]:
-        emails = sorted(set(emails))
-        found: dict[str, list[Notification]] = {}
-        for start in range(0, len(emails), IN_BATCH):
-            part = emails[start:start + IN_BATCH]
-            rows = await self._query(
-                "SELECT n.id, n.email, n.app_id, a.name, a.domain, n.message, n.action, n.at FROM notifications n"
-                f" JOIN applications a ON a.app_id = n.app_id WHERE n.email IN {_in(part)} AND n.at >= ?"
-                " ORDER BY n.id", (*part, not_before))
-            for i, e, a, name, domain, m, act, at in rows:
-                found.setdefault(e, []).append(Notification(int(i), e, a, name, domain, m, act, float(at)))
-        return found
-
-    async def ack_notifications(self, email: str, ids: list[int]) -> int:
-        return len(await self.ack_notifications_of([(email, i) for i in ids]))
-
-    async def ack_notifications_of(self, pairs: list[tuple[str, int]]) -> set[tuple[str, int]]:
-        if not pairs:
-            return set()
-
-        def interaction():
-            gone: set[tuple[str, int]] = set()
-            for start in range(0, len(pairs), IN_BATCH):
-                part = pairs[start:start + IN_BATCH]
-                values = ", ".join(["(?, ?)"] * len(part))
-                rows = yield (f"DELETE FROM notifications WHERE (email, id) IN (VALUES {values}) RETURNING email, id",
-                              tuple(v for pair in part for v in pair))
-                gone.update((email, int(i)) for email, i in rows)
-            return gone
-
-        return await self._transaction(interaction())
-
-    async def expire_notifications(self, before: float) -> int:
-        return len(await self._query("DELETE FROM notifications WHERE at < ? RETURNING 1", (before,)))
 
     # -- waiting updates for applications without a connection -----------------------------
     async def queue_pending(self, updates: list[PendingUpdate]) -> None:

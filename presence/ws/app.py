@@ -10,6 +10,7 @@ from presence import errors
 from presence.apps import Applications
 from presence.errors import PresenceError
 from presence.metrics import Metrics
+from presence.store import StoreUnavailable
 from presence.streams import Streams
 from presence.subscriber import Subscriber
 from presence.ws.session import Peer, Session, log
@@ -72,10 +73,22 @@ class AppSession(Session):
         if self.log_connections:
             log.info("application {app_id} connected", app_id=app.app_id, event="application.connected")
         self.peer.send_json({"result": "OK", "app_id": app.app_id})
-        if since is None and not sync:
-            subscriber = await self.streams.subscribe(self.app_id, self)
-        else:
-            subscriber = await self.syncer.subscribe(self.app_id, self)
+        try:
+            if since is None and not sync:
+                subscriber = await self.streams.subscribe(self.app_id, self)
+            else:
+                subscriber = await self.syncer.subscribe(self.app_id, self)
+        except StoreUnavailable as e:
+            # After OK, an open connection must be a live one: closed, the application reconnects
+            # (here or elsewhere) and takes what waits; left open, it would hear nothing again.
+            log.warn("could not register application {app_id}'s stream ({why}); closing it so it reconnects",
+                     app_id=self.app_id, why=e, event="application.subscribe_failed")
+            raise PresenceError(errors.UNAVAILABLE, "the node cannot reach its store; reconnect shortly",
+                                errors.CLOSE_INTERNAL) from e
+        except Exception as e:
+            log.failure("unexpected error registering application {app_id}'s stream", app_id=self.app_id,
+                        event="application.subscribe_error")
+            raise PresenceError(errors.UNAVAILABLE, "internal error; reconnect shortly", errors.CLOSE_INTERNAL) from e
         if self.closed:
             self.streams.unsubscribe(subscriber)
             return None

@@ -12,6 +12,7 @@ from presence.hub import Hub, Link
 from presence.keys import new_id
 from presence.metrics import Metrics
 from presence.ratelimit import TokenBucket
+from presence.store import StoreUnavailable
 from presence.status import is_status
 from presence.ws.session import OK_REPLY, Peer, Session, log, optional_ids
 
@@ -71,7 +72,15 @@ class DeviceSession(Session):
         if self.log_connections:
             log.info("device {device} of {email} connected", device=link.device, email=email, event="device.connected")
         self.peer.send_json({"result": True, "session_id": self.session_id})
-        waiting = await self.notifier.waiting(email)
+        try:
+            waiting = await self.notifier.waiting(email)
+        except StoreUnavailable as e:
+            # Waiting notifications are sent on connect only: a device left open without them would
+            # never get them. Closed, it reconnects and is given them then.
+            log.warn("could not read {email}'s waiting notifications ({why}); closing the device so it reconnects",
+                     email=email, why=e, event="device.waiting_failed")
+            raise PresenceError(errors.UNAVAILABLE, "the node cannot reach its store; reconnect shortly",
+                                errors.CLOSE_INTERNAL) from e
         if waiting and not self.closed:
             self.notify([n.as_json() for n in waiting])
         return None
