@@ -44,7 +44,10 @@ PAGE = 1000
 
 class CatchingUp(Subscriber):
     """A connection catching up: live changes are held in order (not merged per person) until it is
-    released; past ``limit`` of them it is closed as a slow reader (they go to the waiting queue)."""
+    released; past ``limit`` of them it is closed as a slow reader (they go to the waiting queue).
+
+    Meanwhile ``backlog`` (unused until it goes live) holds each person's oldest held change, so the
+    node's delivered mark (``Streams.unsent_floor`` reads backlogs) stays below what is held."""
 
     __slots__ = ("held", "_last", "_waiter")
 
@@ -61,6 +64,10 @@ class CatchingUp(Subscriber):
             return          # the same list again: a fan-out pushes it once per message it was split into
         self._last = updates
         self.held.extend(updates)
+        backlog = self.backlog
+        for u in updates:
+            if u.email not in backlog:
+                backlog[u.email] = u
         if len(self.held) > self.limit:
             self._overflow("too many changes while catching up")
 
@@ -68,13 +75,17 @@ class CatchingUp(Subscriber):
         """Forget held changes the connection has by now (numbers up to ``upto``)."""
         if self.held:
             self.held = [u for u in self.held if u.seq > upto]
+            self.backlog = {}
+            for u in self.held:
+                self.backlog.setdefault(u.email, u)
 
     def resume(self) -> None:
         super().resume()
         self._wake()
 
     def detach(self) -> list[Update]:
-        if self.held:
+        if self.held is not None:
+            self.backlog = {}
             _merge(self.backlog, self.held)
         self.held = None
         self._wake()
@@ -230,6 +241,7 @@ class Syncer:
         """In one go, with no reactor turn in between: held changes up to ``n``, synced, the rest, live."""
         held = sorted((u for u in sub.held or () if lacks(u)), key=lambda u: u.seq)
         sub.held = None
+        sub.backlog = {}
         limit = self.streams.max_message
         before = [u for u in held if u.seq <= n]
         later = [u for u in held if u.seq > n]

@@ -276,3 +276,18 @@ async def test_a_catch_up_waits_while_the_socket_is_full_and_goes_on_when_it_dra
         await deferLater(reactor, 0.05, lambda: None)
         sub.resume()
     assert Model().read(peer.sent).synced is not None and len(Model().read(peer.sent).status) == 9
+
+
+@pytest_twisted.ensureDeferred
+async def test_held_changes_keep_the_delivered_mark_below_them(store):
+    w = World(store, page=1)
+    app_id = await w.app(["a@x", "b@x"])
+    await w.change("a@x", "online")
+    peer = ListPeer()
+    sub = await w.syncer.subscribe(app_id, peer)
+    await w.change("b@x", "online")
+    await w.change("b@x", "offline")
+    held = [u.seq for u in sub.held]
+    assert len(held) == 2 and w.streams.unsent_floor() == held[0]
+    await w.syncer.catch_up(sub)
+    assert w.streams.unsent_floor() is None and sub.held is None
