@@ -124,3 +124,24 @@ async def test_sync_of_10000_grants_is_exact_while_changes_keep_coming_and_the_l
     assert sorted(live, key=lambda t: t[2]) == await logged_updates(cluster.store, app.app_id, n)
     assert len(live) > 5
     print(f"sync of 10,000 took {took:.2f}s; {made} changes made meanwhile; state up to {n}, {len(live)} live")
+
+
+@pytest_twisted.ensureDeferred
+async def test_after_its_node_is_killed_an_application_resumes_elsewhere_with_every_transition(cluster):
+    app, key = await cluster.app("alice@example.com", "bob@example.com")
+    stream = await cluster.stream("a", app, key)
+    alice = await cluster.device("b", "alice@example.com")
+    bob = await cluster.device("c", "bob@example.com")
+    await cluster.status(alice, "online")
+    last = (await stream.receive(10))[-1]["seq"]
+    cluster.nodes["a"].kill()              # the application's node dies: its socket vanishes with it
+    for device, status in [(bob, "online"), (alice, "unavailable"), (bob, "unavailable"), (alice, "offline")]:
+        await cluster.status(device, status)
+    again = await catch_up(cluster, "b", app, key, since=last)
+    got, n = await until_synced(again)
+    seen = transitions(got)
+    assert [(e, s) for e, s, _ in seen] == [("bob@example.com", "online"), ("alice@example.com", "unavailable"),
+                                           ("bob@example.com", "unavailable"), ("alice@example.com", "offline")]
+    assert seen == await logged_updates(cluster.store, app.app_id, last)
+    seqs = [q for _, _, q in seen]
+    assert seqs == sorted(set(seqs)) and seqs[0] > last
