@@ -317,6 +317,7 @@ class Node(Service):
         for loop in (self._expiry, self._heartbeat, self._gc_freeze, self._gc_compact):
             if loop.running:
                 loop.stop()
+        self.syncer.stop()
         if self.ready:
             await self._drain()
         if self.metrics_port is not None:

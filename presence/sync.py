@@ -27,7 +27,8 @@ from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from presence import changelog
@@ -49,13 +50,14 @@ class CatchingUp(Subscriber):
     Meanwhile ``backlog`` (unused until it goes live) holds each person's oldest held change, so the
     node's delivered mark (``Streams.unsent_floor`` reads backlogs) stays below what is held."""
 
-    __slots__ = ("held", "_last", "_waiter")
+    __slots__ = ("held", "_last", "_waiter", "mark")
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.held: list[Update] | None = []
         self._last: list[Update] | None = None
         self._waiter: Deferred | None = None
+        self.mark = 0           # the last number it was told it holds everything up to (synced)
 
     def keep(self, updates: list[Update]) -> None:
         if self.held is None:
@@ -143,13 +145,19 @@ class Syncer:
     """Catches application connections up (see the module docstring); plain, testable with a Clock."""
 
     def __init__(self, store: Store, streams: Streams, clock: IReactorTime, feed: Any = None, page: int = PAGE,
-                 feed_timeout: float = 10.0):
+                 feed_timeout: float = 10.0, mark_interval: float = 1.0):
         self.store = store
         self.streams = streams
         self.clock = clock
         self.feed = feed            # presence.bus.ChangeFeed; None or not following: changes are made here
         self.page = page
         self.feed_timeout = feed_timeout
+        # Live connections that caught up: every ``mark_interval`` seconds each is told, with another
+        # synced, the number up to which it holds every change (when that moved on).
+        self.live: dict[CatchingUp, None] = {}
+        self._marks = LoopingCall(self.mark)
+        self._marks.clock = clock
+        self.mark_interval = mark_interval
 
     async def subscribe(self, app_id: str, sink: Any) -> CatchingUp:
         return await self.streams.subscribe(app_id, sink, catch_up=CatchingUp)
@@ -164,6 +172,11 @@ class Syncer:
             n = await self.store.last_change()
             await self._published(n, sub)
             self._release(sub, n, floor)
+            if not sub.closed:
+                sub.mark = n
+                self.live[sub] = None
+                if not self._marks.running:
+                    self._marks.start(self.mark_interval, now=False)
             return n
         except Gone:
             return None
@@ -254,6 +267,50 @@ class Syncer:
                 sub.keep([u for _, rest in parts[i:] for u in rest])
                 break
         sub.loaded([])
+
+    # -- marks: "you hold every change up to N" while live ---------------------------------------------------
+    def mark(self) -> Deferred | None:
+        """Tell each live connection the number up to which it holds every change of its application.
+        Live lists carry numbers out of order across people (a node publishes its own changes as it
+        commits them, the others' as it reads them from the log), so the highest number seen is no
+        place to resume from; the last synced is."""
+        for sub in [s for s in self.live if s.closed]:
+            del self.live[sub]
+        if not self.live:
+            if self._marks.running:
+                self._marks.stop()
+            return None
+        feed = self.feed
+        if feed is not None and feed.follow:
+            self._send_marks(feed.last)       # every change up to it has been published here
+            return None
+        # Alone on its database, a node publishes a change as it commits it: by the time the head
+        # read after it comes back, everything up to it is published.
+        d = ensureDeferred(self.store.last_change())
+        d.addCallbacks(self._send_marks, lambda f: None)
+        return d
+
+    def stop(self) -> None:
+        if self._marks.running:
+            self._marks.stop()
+        self.live.clear()
+
+    def _send_marks(self, head: int) -> None:
+        streams = self.streams
+        fanout = streams._fanout
+        for sub in list(self.live):
+            if sub.closed or sub.paused or sub.loading:
+                continue
+            upto = head
+            channel = streams.channels.get(sub.app_id)
+            pending = list(channel.batch) if channel is not None else []
+            if fanout is not None and fanout.app_id == sub.app_id:
+                pending += fanout.updates
+            pending += sub.backlog.values()
+            if pending:
+                upto = min(upto, min(u.seq for u in pending) - 1)   # published here, not handed to it yet
+            if upto > sub.mark and sub.sink.send(json_bytes({"type": "synced", "seq": upto})):
+                sub.mark = upto
 
     # -- sending ---------------------------------------------------------------------------------------------
     async def _send(self, sub: CatchingUp, payload: bytes) -> None:

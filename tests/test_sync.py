@@ -291,3 +291,33 @@ async def test_held_changes_keep_the_delivered_mark_below_them(store):
     assert len(held) == 2 and w.streams.unsent_floor() == held[0]
     await w.syncer.catch_up(sub)
     assert w.streams.unsent_floor() is None and sub.held is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_live_connection_is_told_by_synced_up_to_where_it_holds_every_change(store):
+    w = World(store)
+    app_id = await w.app(["a@x", "b@x"])
+    peer = ListPeer()
+    sub = await w.syncer.subscribe(app_id, peer)
+    n = await w.syncer.catch_up(sub)
+    await w.syncer.mark()
+    assert peer.sent[-1] == {"type": "synced", "seq": n}        # nothing new: no second mark
+    assert sum(1 for m in peer.sent if m == {"type": "synced", "seq": n}) == 1
+    await w.change("a@x", "online")
+    await w.syncer.mark()
+    head = await store.last_change()
+    assert peer.sent[-1] == {"type": "synced", "seq": head} and isinstance(peer.sent[-2], list)
+    # published here but not handed to the socket yet (the fan-out has not run): no mark past it
+    await w.hub.set_page_status("b@x", "online")
+    await w.syncer.mark()
+    assert peer.sent[-1] == {"type": "synced", "seq": head}
+    w.clock.advance(0)
+    await w.syncer.mark()
+    assert peer.sent[-2][0]["email"] == "b@x" and peer.sent[-1] == {"type": "synced", "seq": head + 1}
+    # a paused socket is not told; a closed connection is forgotten
+    sub.pause()
+    await w.change("a@x", "offline")
+    await w.syncer.mark()
+    assert peer.sent[-1] == {"type": "synced", "seq": head + 1}
+    w.streams.unsubscribe(sub)
+    assert w.syncer.mark() is None and not w.syncer.live

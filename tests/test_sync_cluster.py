@@ -13,7 +13,7 @@ from twisted.internet.defer import ensureDeferred
 
 from presence import changelog
 from tests.test_cluster import cluster, sleep  # noqa: F401 (the fixture)
-from tests.test_sync_e2e import transitions, until_synced
+from tests.test_sync_e2e import next_updates, transitions, until_synced
 from tests.wsclient import WSClient
 
 
@@ -66,9 +66,9 @@ async def test_an_application_resumes_on_another_node_than_the_one_it_left(clust
                                            ("alice@example.com", "online")]
     await cluster.status(bob, "unavailable")       # made on c, from a device on c; and one from b
     await cluster.status(alice, "unavailable")
-    live = transitions([await again.receive(10)])
+    live = transitions([await next_updates(again)])
     while len(live) < 2:
-        live += transitions([await again.receive(10)])
+        live += transitions([await next_updates(again)])
     assert [(e, s) for e, s, _ in live] == [("bob@example.com", "unavailable"), ("alice@example.com", "unavailable")]
     assert all(q > n for _, _, q in live)
 
@@ -123,6 +123,15 @@ async def test_sync_of_10000_grants_is_exact_while_changes_keep_coming_and_the_l
     live = transitions(got[synced_at + 1:])
     assert sorted(live, key=lambda t: t[2]) == await logged_updates(cluster.store, app.app_id, n)
     assert len(live) > 5
+    # every later synced holds: each change up to its number arrived before it
+    logged = await logged_updates(cluster.store, app.app_id, n)
+    marks = 0
+    for i, m in enumerate(got[synced_at + 1:], synced_at + 1):
+        if isinstance(m, dict) and m.get("type") == "synced":
+            marks += 1
+            before = set(transitions(got[synced_at + 1:i]))
+            assert {t for t in logged if t[2] <= m["seq"]} <= before, m
+    assert marks >= 1
     print(f"sync of 10,000 took {took:.2f}s; {made} changes made meanwhile; state up to {n}, {len(live)} live")
 
 
