@@ -23,6 +23,7 @@ those (bounded).
 from __future__ import annotations
 
 import json
+from time import perf_counter
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
@@ -39,8 +40,12 @@ from presence.views import Update
 
 log = Logger()
 
-# Log rows, or people, read per store call: the memory a catch-up holds at once.
+# People read per store call, and log entries: the memory a catch-up holds at once (a log entry of a
+# person with thousands of grants is up to a megabyte).
 PAGE = 1000
+LOG_PAGE = 200
+# The reactor time a replay takes before it lets other work run.
+TURN = 0.02
 
 
 class CatchingUp(Subscriber):
@@ -151,6 +156,7 @@ class Syncer:
         self.clock = clock
         self.feed = feed            # presence.bus.ChangeFeed; None or not following: changes are made here
         self.page = page
+        self.log_page = min(page, LOG_PAGE)
         self.feed_timeout = feed_timeout
         # Live connections that caught up: every ``mark_interval`` seconds each is told, with another
         # synced, the number up to which it holds every change (when that moved on).
@@ -188,23 +194,31 @@ class Syncer:
             return await self._resync(sub, since, None, "since is ahead of this deployment's change log")
         pos = since
         while True:
-            changes = await self.store.changes_since(pos, self.page)
+            changes = await self.store.changes_since(pos, self.log_page)
             self._check(sub)
             first = changes[0].numbers.start if changes else None
             if (first is not None and first > pos + 1) or (first is None and pos < head):
                 return await self._resync(sub, since, first, "the change log no longer holds every change after since")
-            updates = []
+            updates: list[Update] = []
+            started = perf_counter()
             for change in changes:
+                if perf_counter() - started > TURN:
+                    # Entries of people with thousands of grants take milliseconds each to decode:
+                    # send what is ready, and let the reactor breathe before the rest.
+                    await self._send_updates(sub, updates)
+                    updates = []
+                    await deferLater(self.clock, 0, lambda: None)
+                    self._check(sub)
+                    started = perf_counter()
                 start = change.numbers.start
                 for u in changelog.decode(change.payload, change.seq)[0]:
                     # a reaper's re-logged older change (its own number) is in the log at that number too
                     if u.app_id == sub.app_id and u.seq > since and u.seq >= start:
                         updates.append(u)
                 pos = change.seq
-            for payload, _ in encode_parts(updates, self.streams.max_message) if updates else ():
-                await self._send(sub, payload)
+            await self._send_updates(sub, updates)
             sub.prune(pos)
-            if len(changes) < self.page:
+            if len(changes) < self.log_page:
                 return lambda u, pos=pos: u.seq > pos
 
     async def _resync(self, sub: CatchingUp, since: int, oldest: int | None, why: str) -> Callable[[Update], bool]:
@@ -313,6 +327,10 @@ class Syncer:
                 sub.mark = upto
 
     # -- sending ---------------------------------------------------------------------------------------------
+    async def _send_updates(self, sub: CatchingUp, updates: list[Update]) -> None:
+        for payload, _ in encode_parts(updates, self.streams.max_message) if updates else ():
+            await self._send(sub, payload)
+
     async def _send(self, sub: CatchingUp, payload: bytes) -> None:
         """Send, then wait while the socket is full: a catch-up never piles up in the socket's buffer."""
         self._check(sub)
