@@ -48,7 +48,8 @@ SETTINGS: list[tuple[str, str]] = [
     ("notify_batch", "most live notifications in one request or notify message"),
     ("heartbeat", "seconds between this node's heartbeats in the database"),
     ("node_timeout", "seconds without a heartbeat after which a node counts as dead and a survivor cleans up after it"),
-    ("log_retention", "seconds the change log keeps changes for nodes that reconnect and replay"),
+    ("log_retention", "seconds the change log keeps changes for nodes that reconnect and replay, and for"
+                      " applications that resume with since"),
     ("gc_freeze", "seconds between freezing long-lived objects out of garbage collection (0: only at start)"),
     ("gc_compact", "seconds between full garbage collections of frozen objects (one pause each; 0: never)"),
     ("max_message", "largest websocket message accepted, in bytes"),
