@@ -44,6 +44,7 @@ class Link:
     session: str
     connection: DeviceConnection | None
     grace: IDelayedCall | None = None
+    retries: int = 0         # failed offline writes in a row (the next waits longer)
 
     def cancel_grace(self) -> None:
         if self.grace is not None and self.grace.active():
@@ -150,10 +151,15 @@ class Hub:
             try:
                 await self._change(link.email, lambda devices: _drop(devices, link))
             except StoreUnavailable as e:
+                # Soon, then less often: a database back after a restart gets the write within a
+                # moment (the person must not look online with no device for long), and the
+                # retries of many devices fall together, so the group commit makes them one.
+                delay = min(self.retry_delay, 0.25 * 2 ** link.retries)
+                link.retries += 1
                 log.warn("could not mark {email}'s device offline ({why}); retrying in {delay}s",
-                         email=link.email, why=e, delay=self.retry_delay, event="device.offline_retry")
+                         email=link.email, why=e, delay=delay, event="device.offline_retry")
                 if self.links.get((link.email, link.device)) is link:
-                    link.grace = self.clock.callLater(self.retry_delay, self._expire, link)
+                    link.grace = self.clock.callLater(delay, self._expire, link)
                 return
             self._forget(link)
 

@@ -750,3 +750,40 @@ async def test_a_connection_lost_at_the_commit_itself_is_settled_from_the_log(po
         assert (await store.queue_notifications(app.app_id, [(uid, "fine", None)], 6.0, 100, origin="n1"))[0]
     finally:
         await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_device_offline_write_that_failed_is_retried_soon_not_after_the_full_delay(database_url):
+    """A device's grace ended while the database restarted: its offline write failed. Retried only
+    after --retry 5 s, the person stayed online (with no device) well past the quiet period the
+    invariants are defined after (chaos checker: a ghost device after a database restart). Retries
+    start at a quarter second and double up to the delay; simultaneous ones are one group commit."""
+    from tests.fakes import eventually
+
+    store = open_store(database_url)
+    await store.open()
+    try:
+        clock = Clock()
+        hub = Hub(store, Streams(store, clock), clock, "n", grace=1.0, retry_delay=5.0)
+        phone = Phone()
+        link = await hub.attach("alice@example.com", "phone", None, phone)
+        await hub.set_status(link, "online")
+        inner, failures = store._transaction, []
+
+        async def restarting(interaction):
+            if len(failures) < 2:
+                failures.append(1)
+                raise StoreUnavailable("injected: the database is restarting")
+            return await inner(interaction)
+        store._transaction = restarting
+        hub.detach(link, phone)
+        clock.advance(1.0)                         # grace over: the first attempt fails
+        await eventually(lambda: len(failures) == 1)
+        clock.advance(0.25)                        # the second fails too
+        await eventually(lambda: len(failures) == 2)
+        clock.advance(0.5)                         # the third lands
+        await eventually(lambda: ("alice@example.com", "phone") not in hub.links)
+        assert await store.list_devices("alice@example.com") == []
+        assert (await store.get_status("alice@example.com")).status == "offline"
+    finally:
+        await store.close()
