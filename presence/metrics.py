@@ -94,6 +94,10 @@ class Metrics:
         self.slow_closed = Counter("presence_slow_connections_closed_total",
                                    "Application connections closed for not reading (their changes went back to the queue)",
                                    registry=r)
+        catch_ups = Counter("presence_catch_ups_total",
+                            "Application connections that caught up: sync (the state), since (a replay of the log), "
+                            "resync (since older than the log: the state instead)", ["how"], registry=r)
+        self.catch_ups = {how: catch_ups.labels(how) for how in ("sync", "since", "resync")}
 
         self.pending_items = Gauge("presence_pending_updates", "Updates waiting for applications that are away",
                                    registry=r)

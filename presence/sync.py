@@ -170,6 +170,7 @@ class Syncer:
 
     async def catch_up(self, sub: CatchingUp, since: int | None = None) -> int | None:
         """Replay after ``since`` (None: send the state), release, go live; returns N (None: gone)."""
+        self.streams.metrics.catch_ups["sync" if since is None else "since"].inc()
         try:
             if since is None:
                 floor = await self._state(sub)
@@ -222,6 +223,7 @@ class Syncer:
                 return lambda u, pos=pos: u.seq > pos
 
     async def _resync(self, sub: CatchingUp, since: int, oldest: int | None, why: str) -> Callable[[Update], bool]:
+        self.streams.metrics.catch_ups["resync"].inc()
         await self._send(sub, json_bytes({"type": "resync", "since": since, "oldest": oldest, "reason": why}))
         return await self._state(sub)
 

@@ -321,3 +321,16 @@ async def test_a_live_connection_is_told_by_synced_up_to_where_it_holds_every_ch
     assert peer.sent[-1] == {"type": "synced", "seq": head + 1}
     w.streams.unsubscribe(sub)
     assert w.syncer.mark() is None and not w.syncer.live
+
+
+@pytest_twisted.ensureDeferred
+async def test_catch_ups_are_counted_by_how(store):
+    w = World(store)
+    app_id = await w.app(["a@x"])
+    await w.change("a@x", "online")
+    head = await store.last_change()
+    await w.syncer.catch_up(await w.syncer.subscribe(app_id, ListPeer()))
+    await w.syncer.catch_up(await w.syncer.subscribe(app_id, ListPeer()), since=head)
+    await w.syncer.catch_up(await w.syncer.subscribe(app_id, ListPeer()), since=head + 5)
+    counted = {how: c._value.get() for how, c in w.streams.metrics.catch_ups.items()}
+    assert counted == {"sync": 1, "since": 2, "resync": 1}
