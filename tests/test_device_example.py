@@ -26,8 +26,9 @@ async def test_the_documented_device_example_runs_as_written(tmp_path):
     node = NodeProcess(["--web", f"tcp:{web}", "--ws", f"tcp:{ws}"], tmp_path)   # presence.sqlite in tmp_path
     device = None
     try:
-        await wait_listening(web, node.process)
-        await wait_listening(ws, node.process)
+        # a loaded machine (two cores shared by several test runs) can take long to start twistd
+        await wait_listening(web, node.process, timeout=90)
+        await wait_listening(ws, node.process, timeout=30)
         # an application alice granted, listening
         created = admin(database, "apps", "create", "dev@example.com", "example.com", "Example")
         number = created.split("\t", 1)[0]
