@@ -138,6 +138,29 @@ async def test_a_device_connects_with_an_assertion_pybrowserid_made(idp, node):
     client.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_pybrowserid_signature_without_its_leading_zero_byte_is_accepted(idp, node):
+    # PyBrowserID's pure-Python RSA drops a signature's leading zero bytes (one signature in 256):
+    # made until it happens, such an assertion is accepted like any other.
+    running, issuer_private = node
+    user_public, user_private = _pybrowserid_key("pybrowserid-user")
+    now = int(time.time() * 1000)
+    certificate = bid_jwt.generate({"iss": idp.domain, "iat": now, "exp": now + 3600_000,
+                                    "public-key": user_public, "principal": {"email": "dave@example.com"}},
+                                   issuer_private)
+    for shift in range(5000):
+        assertion = bid_jwt.generate({"aud": AUDIENCE, "exp": now + 120_000 - shift}, user_private)
+        if len(jws.b64url_decode(assertion.rsplit(".", 1)[1])) < 256:
+            break
+    else:
+        pytest.fail("no short signature in 5000 tries")
+    client = await WSClient.connect(running.ws_port.getHost().port, "/presence")
+    client.send({"type": "connect", "assertion": bundle_certs_and_assertion([certificate], assertion)})
+    reply = await client.receive()
+    assert reply["result"] is True, reply
+    client.close()
+
+
 # -- docs/protocol.md says what the verifier answers ------------------------------------------------------------
 
 def _errno_rows() -> dict[int, str]:
