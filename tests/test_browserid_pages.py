@@ -5,6 +5,7 @@ authentication functions and records how the pages call them."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest_twisted
 
@@ -55,8 +56,14 @@ def open_page(browser, url: str, cookies: list[dict], email: str, key: str, whic
         page.set_default_timeout(15_000)
         page.goto(f"{url}/browserid/{which}")
         ends = json.dumps(DONE[which].split())
-        page.wait_for_function(f"window.__calls.some(c => {ends}.includes(c[0])) ||"
-                               " (document.getElementById('send') && !document.getElementById('send').hidden)")
+        done = (f"window.__calls.some(c => {ends}.includes(c[0])) ||"
+                " (document.getElementById('send') !== null && !document.getElementById('send').hidden)")
+        # polled from here: page.evaluate is not subject to the page's CSP (no 'unsafe-eval'), which
+        # wait_for_function's in-page polling is
+        deadline = time.monotonic() + 15
+        while not page.evaluate(done):
+            assert time.monotonic() < deadline, f"the page did not finish: {page.evaluate('window.__calls')}"
+            page.wait_for_timeout(20)
         return {"calls": page.evaluate("window.__calls"), "send": page.is_visible("#send")}
     finally:
         context.close()
