@@ -1,6 +1,6 @@
 """presence-admin: everything the web pages do to applications and grants, from a shell.
 
-    presence-admin [--database URL] [--allow-ports] [--allow-private] apps list [--developer EMAIL]
+    presence-admin [--database URL] [--create] [--allow-ports] [--allow-private] apps list [--developer EMAIL]
     presence-admin apps create DEVELOPER DOMAIN NAME [--description TEXT]
     presence-admin apps show APP
     presence-admin apps verify APP [--force]
@@ -11,6 +11,9 @@
     presence-admin grants revoke EMAIL APPID
     presence-admin check [--env] [--strict] [twistd presence options]   (validate a configuration)
 
+presence-admin opens the database the node uses and never creates one unless asked (``--create``):
+a missing SQLite file is an error naming the path it looked for.
+
 APP is the application's number (shown by ``apps list``) or its public app id. ``apps verify`` fetches
 like the pages' Verify (presence/verification.py): one deadline, a small body limit, redirects only
 on the same host, and no private, loopback or link-local address unless ``--allow-private``.
@@ -19,6 +22,7 @@ on the same host, and no private, loopback or link-local address unless ``--allo
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Sequence
 
@@ -38,6 +42,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="presence-admin", description="Manage a Presence node's applications and grants.")
     p.add_argument("--database", default=Config.database,
                    help="sqlite:PATH or postgresql://user:password@host:port/database (default: %(default)s)")
+    p.add_argument("--create", action="store_true",
+                   help="create the SQLite database if it does not exist (otherwise presence-admin refuses: "
+                        "a missing file usually means the wrong working directory or --database)")
     p.add_argument("--allow-ports", action="store_true",
                    help="accept domains with a :port (local and test setups)")
     p.add_argument("--allow-private", action="store_true",
@@ -95,7 +102,23 @@ async def _find(store: Store, ref: str) -> App:
     return app
 
 
+def missing_database(database: str) -> str | None:
+    """Why presence-admin will not open ``database`` without --create, or None: a SQLite file that
+    does not exist (SQLite would silently make an empty one, and every listing would be empty)."""
+    if not database.startswith("sqlite:"):
+        return None
+    path = database[len("sqlite:"):]
+    if path in ("", ":memory:") or path.startswith("file:") or os.path.exists(path):
+        return None
+    return (f"no database at {os.path.abspath(path)} (--database {database}, relative to the working directory "
+            f"{os.getcwd()}); run presence-admin where the node runs, or give --database sqlite:/absolute/path "
+            "to the node's file; add --create only to start a new, empty database")
+
+
 async def run(args: argparse.Namespace, reactor: Any, out=sys.stdout) -> None:
+    why = None if getattr(args, "create", False) else missing_database(args.database)
+    if why:
+        raise AdminError(why)
     store = open_store(args.database, reactor=reactor)
     await store.open()
     try:

@@ -123,6 +123,10 @@ def check_urls(config: Config) -> list[Finding]:
         if page.scheme == "https" and urlsplit(config.public_ws_url).scheme == "ws":
             found.append(Finding(WARNING, "--public-ws-url", "ws:// from https pages: browsers block it",
                                  "use wss:// (TLS on the websocket listener or at the load balancer)"))
+    from presence.public_urls import unreachable
+
+    for option, problem, fix in unreachable(config):
+        found.append(Finding(WARNING, option, problem, fix))
     from presence.identity.verifier import normalize_origin
 
     for audience in config.audiences:

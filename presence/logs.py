@@ -16,7 +16,8 @@ from twisted.logger import ILogObserver, globalLogPublisher, jsonFileLogObserver
 
 # The stable event names, for operators' filters and alerts (docs/operations.md lists them too).
 EVENTS: dict[str, str] = {
-    "node.ready": "the node serves: store open, listeners up (fields: node, web, ws)",
+    "node.ready": "the node serves: store open, listeners up (fields: node, web, ws, public_url, public_ws_url)",
+    "node.public_url_unreachable": "a public URL on this machine names a port (or TLS) no listener of the node has: sign-in and devices would fail (option, problem, fix)",
     "node.stopping": "a clean stop began (SIGTERM/SIGINT)",
     "node.stopped": "the clean stop finished; the store is closed",
     "node.start_failed": "the node could not start (a traceback follows)",

@@ -31,6 +31,7 @@ from presence.bus import ChangeFeed
 from presence.cluster import Cluster, incarnation
 from presence.hub import Hub
 from presence.metrics import Metrics
+from presence.public_urls import log_unreachable
 from presence.notifications import Notifier
 from presence.store import StoreUnavailable, open_store
 from presence.streams import Streams
@@ -201,8 +202,10 @@ class Node(Service):
         self.ws_port = await endpoints.serverFromString(self.reactor, self.config.ws).listen(self.ws_factory)
         self.ready = True
         self._settle_memory()
-        log.info("presence node {node} ready: pages on {web}, websockets on {ws}", node=self.config.node,
-                 web=self.config.web, ws=self.config.ws, event="node.ready")
+        log.info("presence node {node} ready: pages on {web} ({public_url}), websockets on {ws} ({public_ws_url})",
+                 node=self.config.node, web=self.config.web, ws=self.config.ws, public_url=self.config.public_url,
+                 public_ws_url=self.config.public_ws_url, event="node.ready")
+        log_unreachable(self.config, log)
         systemd.ready(f"serving: pages on {self.config.web}, websockets on {self.config.ws}")
 
     async def _join(self) -> None:

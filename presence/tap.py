@@ -13,14 +13,15 @@ from twisted.application.service import IServiceCollection, MultiService
 from twisted.python import usage
 
 from presence.config import Config
+from presence.public_urls import with_public_urls
 
 # (Config field, help). The option is the field with dashes; the environment variable PRESENCE_<FIELD>.
 SETTINGS: list[tuple[str, str]] = [
     ("web", "strports endpoint for the web pages"),
     ("ws", "strports endpoint for the websockets (devices at /presence, applications at /<appid>)"),
     ("metrics", "strports endpoint for /metrics, /healthz and /readyz (off when empty; keep it private)"),
-    ("public_url", "how people reach the web pages; also the audience devices' assertions must name"),
-    ("public_ws_url", "how the websocket listener is reached from outside; entry points are <this>/<appid>"),
+    ("public_url", "how people reach the web pages; also the audience devices' assertions must name (default: derived from --web, e.g. http://localhost:18480 for tcp:18480)"),
+    ("public_ws_url", "how the websocket listener is reached from outside; entry points are <this>/<appid> (default: derived from --ws)"),
     ("node", "this node's name (unique among nodes sharing a database)"),
     ("database", "sqlite:PATH (embedded, default) or postgresql://user:password@host:port/database"),
     ("insecure_identity", "accept identity issuers over plain http and on loopback/IP addresses (tests and local setups only)"),
@@ -82,6 +83,7 @@ LISTS: list[tuple[str, str, str]] = [
 
 _DEFAULTS = Config()
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_DERIVED = ("public_url", "public_ws_url")   # empty unless given: derived from the listeners
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -99,7 +101,7 @@ class Options(usage.Options):
     longdesc = "Run a Presence node: devices report status, granted applications receive it live."
     optFlags = [[name.replace("_", "-"), None, text] for name, text in SETTINGS if isinstance(getattr(_DEFAULTS, name), bool)]
     optParameters = [
-        [name.replace("_", "-"), None, getattr(_DEFAULTS, name), text]
+        [name.replace("_", "-"), None, "" if name in _DERIVED else getattr(_DEFAULTS, name), text]
         for name, text in SETTINGS
         if not isinstance(getattr(_DEFAULTS, name), bool)
     ]
@@ -127,7 +129,8 @@ class Options(usage.Options):
     def config(self) -> Config:
         values = {name: _coerce(name, self[name.replace("_", "-")]) for name, _ in SETTINGS}
         values.update({field: list(self[field]) for field, _, _ in LISTS})
-        return Config(**values)
+        given = {name: values.pop(name) for name in _DERIVED}
+        return with_public_urls(Config(**values), given["public_url"], given["public_ws_url"])
 
 
 def config_from_env(env: Mapping[str, str] = os.environ) -> Config:
@@ -141,7 +144,8 @@ def config_from_env(env: Mapping[str, str] = os.environ) -> Config:
         raw = env.get("PRESENCE_" + field.upper())
         if raw:
             values[field] = [item.strip() for item in raw.split(",") if item.strip()]
-    return Config(**values)
+    given = {name: values.pop(name, "") for name in _DERIVED}
+    return with_public_urls(Config(**values), given["public_url"], given["public_ws_url"])
 
 
 def makeService(options: Options | Config, reactor: Any = None) -> IServiceCollection:

@@ -28,6 +28,21 @@ class ListPeer:
         self.closed = (code, reason)
 
 
+async def until(condition, what: str, timeout: float = 10.0, step: float = 0.01) -> None:
+    """Wait (on the real reactor) until ``condition()`` (a bool, or an awaitable of one: a store query)
+    is true; fail naming ``what`` was waited for."""
+    deadline = reactor.seconds() + timeout
+    while True:
+        met = condition()
+        if hasattr(met, "__await__"):
+            met = await met
+        if met:
+            return
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"waited {timeout:g} s for {what}")
+        await deferLater(reactor, step, lambda: None)
+
+
 async def eventually(condition, timeout: float = 5.0, step: float = 0.01):
     """Wait (on the real reactor) until condition() is true; store calls run in threads or sockets."""
     waited = 0.0

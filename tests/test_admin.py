@@ -4,6 +4,8 @@ pages' safe fetch: the local domain needs --allow-private)."""
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
 import pytest
 import pytest_twisted
@@ -17,7 +19,7 @@ from presence.keys import key_matches
 
 async def admin(database: str, *argv: str, allow_private: bool = True) -> str:
     out = io.StringIO()
-    flags = ["--allow-ports"] + (["--allow-private"] if allow_private else [])
+    flags = ["--create", "--allow-ports"] + (["--allow-private"] if allow_private else [])
     await run(parser().parse_args(["--database", database, *flags, *argv]), reactor, out)
     return out.getvalue()
 
@@ -145,3 +147,23 @@ def test_unreachable_database_is_a_one_line_error():
     assert out.returncode == 1
     assert out.stderr.startswith("presence-admin: ") and "Traceback" not in out.stderr
     assert "--database" in out.stderr  # it says what to check
+
+
+def test_a_missing_sqlite_file_is_refused_and_named_not_created(tmp_path):
+    # presence-admin run from another directory than the node's: it names the file it looked for
+    done = subprocess.run([sys.executable, "-m", "presence.admin", "apps", "list"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stdout == ""
+    assert f"presence-admin: no database at {tmp_path / 'presence.sqlite'}" in done.stderr and "--create" in done.stderr
+    assert not (tmp_path / "presence.sqlite").exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_makes_the_database_when_asked(tmp_path):
+    url = f"sqlite:{tmp_path / 'new.sqlite'}"
+    with pytest.raises(AdminError, match="no database at"):
+        await run(parser().parse_args(["--database", url, "apps", "list"]), reactor, io.StringIO())
+    assert not (tmp_path / "new.sqlite").exists()
+    await admin(url, "apps", "list")   # with --create
+    assert (tmp_path / "new.sqlite").exists()
+    assert await run(parser().parse_args(["--database", url, "apps", "list"]), reactor, io.StringIO()) is None

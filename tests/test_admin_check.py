@@ -106,7 +106,7 @@ async def test_ssl_endpoints_are_read_and_checked_against_the_public_urls(tmp_pa
     assert "not presence.example.org" in out and "clients that check names will refuse it" in out
     status, out = await run("--web", f"ssl:8443:privateKey={other_key}:certKey={cert}", database=db)
     assert status == 1 and "do not load" in line(out, "PROBLEM  --web")
-    status, out = await run("--web", good, database=db)  # TLS, but the public URL says http
+    status, out = await run("--web", good, "--public-url", "http://presence.example.org:8443", database=db)  # TLS, but http
     assert "is not https/wss" in out
 
 

@@ -9,6 +9,7 @@ import pytest_twisted
 from presence import errors
 from presence.config import Config
 from presence.node import Node
+from tests.fakes import until
 from tests.wsclient import WSClient
 
 AUDIENCE = "http://presence.test:8080"
@@ -326,9 +327,6 @@ async def test_closed_connections_leave_no_cyclic_garbage(running):
     reference counting: no cycle may hold a protocol or a session."""
     import gc
 
-    from twisted.internet import reactor
-    from twisted.internet.task import deferLater
-
     from presence.ws.session import Session
 
     app, key = await running.app("alice@example.com")
@@ -340,7 +338,9 @@ async def test_closed_connections_leave_no_cyclic_garbage(running):
     gc.collect()
     for client in (stream, phone, idle):
         client.drop()
-    await deferLater(reactor, 1.0, lambda: None)   # past the grace period
+    node = running.node
+    await until(lambda: not node.ws_factory.open_connections and all(link.grace is None for link in node.hub.links.values()),
+                "the connections to be lost and alice's grace period to end")
     gc.set_debug(gc.DEBUG_SAVEALL)
     try:
         gc.collect()
@@ -358,9 +358,6 @@ async def test_a_running_node_leaves_full_collections_to_its_compaction(idp, tmp
     running node only collects the young generations; its --gc-compact timer runs the full ones."""
     import gc
 
-    from twisted.internet import reactor
-    from twisted.internet.task import deferLater
-
     from presence.node import NO_AUTOMATIC_FULL_COLLECTION
 
     before = gc.get_threshold()
@@ -368,10 +365,12 @@ async def test_a_running_node_leaves_full_collections_to_its_compaction(idp, tmp
     await node.start()
     try:
         assert gc.get_threshold() == (before[0], before[1], NO_AUTOMATIC_FULL_COLLECTION)
-        full = node.metrics.registry.get_sample_value("presence_gc_pause_seconds_count", {"generation": "2"}) or 0
-        await deferLater(reactor, 0.5, lambda: None)
-        after = node.metrics.registry.get_sample_value("presence_gc_pause_seconds_count", {"generation": "2"})
-        assert after > full        # the compaction timer ran full collections
+        def full_collections() -> float:
+            return node.metrics.registry.get_sample_value("presence_gc_pause_seconds_count", {"generation": "2"}) or 0
+
+        full = full_collections()
+        # the compaction timer (every 0.2 s) runs full collections
+        await until(lambda: full_collections() > full, "a full collection by the --gc-compact timer")
     finally:
         await node.stop()
     assert gc.get_threshold() == before

@@ -7,13 +7,12 @@ Runs against the real PostgreSQL: connections to the test database are refused
 from __future__ import annotations
 
 import pytest_twisted
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
 
 from presence import errors
 from presence.node import Node
 from tests.conftest import _admin
-from tests.fakes import eventually
+from tests.fakes import eventually, until
 from tests.test_node_e2e import AUDIENCE, Running, config, statuses
 from tests.wsclient import WSClient
 
@@ -35,14 +34,23 @@ def database_up(url: str, up: bool) -> None:
 async def test_a_node_waits_for_a_database_that_is_down_at_start(idp, tmp_path, postgres_url):
     database_up(postgres_url, False)
     node = Node(config(idp, tmp_path, database=postgres_url))
+    refusals: list[dict] = []
+
+    def observe(event: dict) -> None:
+        if event.get("event") == "store.unavailable":
+            refusals.append(event)
+
+    globalLogPublisher.addObserver(observe)
     node.startService()
     try:
-        await deferLater(reactor, 1.5, lambda: None)
+        # two attempts refused (the second after the 1 s retry delay): the node keeps waiting
+        await until(lambda: len(refusals) >= 2, "the node to try the database twice", timeout=15)
         assert not node.ready and node.ws_port is None   # no listener it could not serve
         database_up(postgres_url, True)
         await eventually(lambda: node.ready, timeout=10)
         assert node.ws_port is not None
     finally:
+        globalLogPublisher.removeObserver(observe)
         database_up(postgres_url, True)
         await node.stopService()
 

@@ -19,6 +19,7 @@ from presence.store.postgres import PostgresStore
 from presence.store.sql import PENDING_BATCH
 from presence.store.sqlite import SQLiteStore
 from presence.views import Update
+from tests.fakes import until
 
 KEY = "k" * 1024
 # The newest schema version the packaged scripts reach (2 brought devices' sessions, the node
@@ -1221,7 +1222,15 @@ async def test_postgres_deadlock_is_a_refused_transaction_not_a_lost_connection(
         await run("SELECT pg_advisory_xact_lock(1, hashtext('q@x'))")  # the other node is changing q@x
         waiting = timed(s.change_person("q@x", put(dev("q@x", "phone")), "node1", 2.0), 30)
         ours = timed(s.queue_pending([pending("app1", "a@x", at=2.0), pending("app1", "b@x", at=2.0)]), 30)
-        await task.deferLater(reactor, 0.3, lambda: None)  # ours holds a@x and waits for b@x
+        def ours_waits_for_a_row() -> bool:
+            # a transaction of this database waiting for another's (the other node's b@x row): ours
+            # (change_person waits too, but for an advisory lock, not a transaction)
+            cur = other.cursor()
+            cur.execute("SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+                        " WHERE NOT l.granted AND l.locktype = 'transactionid' AND a.datname = current_database()")
+            return cur.fetchone()[0] > 0
+
+        await until(lambda: threads.deferToThread(ours_waits_for_a_row), "our transaction to wait for b@x")
         theirs = run("INSERT INTO pending VALUES ('app1', 'a@x', 'ua', 'offline', 1)")
         with pytest.raises(StoreUnavailable, match="refused the transaction: deadlock detected") as e:
             await ours

@@ -130,3 +130,25 @@ async def test_clients_that_do_not_trust_the_certificate_or_name_another_host_fa
     client = await WSClient.connect(ws, "/presence", tls=optionsForClientTLS("localhost", trustRoot=trust),
                                     url_host="localhost")
     client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tls_node_stops_as_fast_as_a_plain_one(idp, tmp_path):
+    # The node closes each websocket with 1001 and waits for the close handshakes (up to 5 s each
+    # round). Over TLS the connections used to linger until that 5 s timer aborted them: a graceful
+    # TLS shutdown waits for the client's close_notify, which a client waiting for the server to
+    # drop TCP never sends. Both rounds (devices, then applications) now end with the handshake.
+    key, cert = self_signed(tmp_path)
+    node = Node(config(idp, tmp_path, web=ssl_endpoint(key, cert), ws=ssl_endpoint(key, cert)))
+    await node.start()
+    secure = Secure(node, idp, Certificate.loadPEM(cert.read_bytes()))
+    app, api_key = await secure.app("alice@example.com")
+    stream = await secure.stream(app, api_key)
+    phone = await secure.device("alice@example.com", "phone")
+    await secure.status(phone, "online")
+    started = reactor.seconds()
+    await node.stop()
+    took = reactor.seconds() - started
+    assert await phone.wait_closed() == 1001 and await stream.wait_closed() == 1001
+    # grace is 0.3 s in these nodes; one 5 s close timeout alone would exceed the bound
+    assert took < 2.5, f"stopping took {took:.1f} s"

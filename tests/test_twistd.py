@@ -32,7 +32,8 @@ def twistd() -> str:
 
 
 def admin(database: str, *args: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "presence.admin", "--database", database, *args],
+    # --create: the tests set up the database before the node first starts
+    out = subprocess.run([sys.executable, "-m", "presence.admin", "--database", database, "--create", *args],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout

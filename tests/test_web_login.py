@@ -51,7 +51,7 @@ async def test_the_support_document_publishes_presences_key(web):
     document = page.json()
     key = jws.public_key_from_json(document["public-key"])
     assert key.public_numbers() == web.site.issuer.public_key.public_numbers()
-    assert document["authentication"] == "/login"
+    assert document["authentication"] == "/browserid/sign_in" and document["provisioning"] == "/browserid/provision"
     assert web.site.issuer.domain == web.public_url.removeprefix("http://")
 
 
@@ -126,7 +126,7 @@ async def test_the_certificate_binds_the_browsers_key_and_a_bad_key_keeps_the_li
     cert = jws.parse(body["certificate"], "certificate")
     jws.verify(cert, web.site.issuer.public_key, "certificate", "presence")
     assert cert.payload["iss"] == web.site.issuer.domain and cert.payload["principal"] == {"email": "alice@example.com"}
-    assert cert.payload["public-key"] == jws.public_key_to_json(browser.key.public_key(), "jwk")
+    assert cert.payload["public-key"] == jws.public_key_to_json(browser.key.public_key(), "browserid")  # as specified
 
 
 @pytest.mark.parametrize("email", ["", "alice", "alice@", "@example.com", "a b@example.com", "alice@exa_mple.com",

@@ -4,6 +4,8 @@ loopback site (failures, background polling on a Clock), activating, rotating an
 
 from __future__ import annotations
 
+import time
+
 import html
 import re
 
@@ -205,20 +207,43 @@ async def test_when_polling_gives_up_the_page_says_so(sqlite_url, site):
 
 # -- activating ---------------------------------------------------------------------------------------------------
 
+async def follow(browser, page):
+    """The GET a browser makes after a 303."""
+    assert page.code == 303, page.text
+    return await browser.get(page.location.partition("#")[0])
+
+
 @pytest_twisted.ensureDeferred
 async def test_activate_shows_the_api_key_once_and_keeps_only_its_hash(web, site):
     browser = await web.signed_in("dev@example.com")
     app_id = await verified_app(web, browser, site)
-    page = await browser.post(f"/myapps/{app_id}/activate")
+    answer = await browser.post(f"/myapps/{app_id}/activate")
+    # post/redirect/get: the POST's answer is a redirect, so reloading the page shown does not post again
+    assert answer.code == 303 and answer.location == f"/myapps?done=activated#app-{app_id}"
+    page = await follow(browser, answer)
     assert page.code == 200 and page.header("cache-control") == "no-store"
     key = key_in(page, f"api-key-{app_id}")
     app = await web.store.get_app_by_id(app_id)
     assert len(key) == 1024 and app.state == ACTIVE and app.api_key_hash == hash_key(key)
     assert "The API key, shown only now." in page.text and "Activated. The application can now connect" in page.text
     assert await web.node.apps.authenticate(app.app_id, key)
-    again = await browser.get("/myapps")
-    assert key not in again.text and "api-key-" not in again.text
-    assert f'id="rotate-{app_id}"' in again.text and f'id="deactivate-{app_id}"' in again.text
+    reloaded = await browser.get(page.response.request.absoluteURI.decode().removeprefix(web.public_url))
+    assert key not in reloaded.text and "api-key-" not in reloaded.text       # shown once
+    assert (await web.store.get_app_by_id(app_id)).api_key_hash == hash_key(key)   # and not rotated
+    assert f'id="rotate-{app_id}"' in reloaded.text and f'id="deactivate-{app_id}"' in reloaded.text
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_handed_over_key_is_shown_only_to_the_session_it_was_made_for(web, site):
+    browser = await web.signed_in("dev@example.com")
+    app_id = await verified_app(web, browser, site)
+    answer = await browser.post(f"/myapps/{app_id}/activate")
+    cookie = browser.cookie("presence_new_key")
+    assert cookie is not None and cookie.path == "/" and int(cookie.expires - time.time()) <= 300
+    other = await web.signed_in("dev@example.com")   # another session of the same developer
+    other.cookies.set_cookie(cookie)
+    assert "api-key-" not in (await other.get("/myapps")).text
+    assert "api-key-" in (await follow(browser, answer)).text
 
 
 @pytest_twisted.ensureDeferred
@@ -235,9 +260,11 @@ async def test_rotate_and_deactivate_close_the_applications_streams(web, site):
     closed = Closed(web)
     browser = await web.signed_in("dev@example.com")
     app_id = await verified_app(web, browser, site)
-    first = key_in(await browser.post(f"/myapps/{app_id}/activate"), f"api-key-{app_id}")
+    first = key_in(await follow(browser, await browser.post(f"/myapps/{app_id}/activate")), f"api-key-{app_id}")
     assert closed.calls == []  # nothing to close on a first activation
-    second = key_in(await browser.post(f"/myapps/{app_id}/rotate"), f"api-key-{app_id}")
+    rotated = await follow(browser, await browser.post(f"/myapps/{app_id}/rotate"))
+    assert "Rotated: the old API key no longer works" in rotated.text
+    second = key_in(rotated, f"api-key-{app_id}")
     app = await web.store.get_app_by_id(app_id)
     assert second != first and app.api_key_hash == hash_key(second)
     assert closed.calls == [(app.app_id, errors.CLOSE_REVOKED, "the API key was rotated")]

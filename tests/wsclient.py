@@ -69,7 +69,11 @@ class WSClient:
         return await _within(self.messages.get(), timeout, "no message arrived")
 
     async def nothing_more(self, wait: float = 0.3) -> None:
-        """Assert no message arrives within ``wait`` seconds."""
+        """Assert no message arrives within ``wait`` seconds: an absence has no event to wait on.
+
+        The default suits one in-process node: the tests run it with --batch-window 0.02, and a
+        message the node is about to send goes out within a batch window of the change that caused
+        it, so 0.3 s is 15 windows. Callers waiting across processes pass (and explain) more."""
         await deferLater(reactor, wait, lambda: None)
         assert not self.messages.pending, f"unexpected messages: {self.messages.pending}"
 

@@ -116,9 +116,17 @@ def sign(payload: dict[str, Any], private_key: rsa.RSAPrivateKey) -> str:
 
 
 def verify(token: JWS, public_key: rsa.RSAPublicKey, what: str, whose: str) -> None:
-    """Raise ASSERTION_SIGNATURE unless `token` was signed by the private half of `public_key`."""
+    """Raise ASSERTION_SIGNATURE unless `token` was signed by the private half of `public_key`.
+
+    A signature shorter than the modulus is left-padded with zeros first: PyBrowserID's pure-Python
+    RSA writes the signature as the number's shortest big-endian form, so one of its signatures in
+    256 lacks the leading zero byte. It is the same number, and PyBrowserID's own verifier reads it."""
+    signature = token.signature
+    size = (public_key.key_size + 7) // 8
+    if len(signature) < size:
+        signature = signature.rjust(size, b"\0")
     try:
-        public_key.verify(token.signature, token.signing_input, padding.PKCS1v15(), hashes.SHA256())
+        public_key.verify(signature, token.signing_input, padding.PKCS1v15(), hashes.SHA256())
     except InvalidSignature:
         raise IdentityError(
             errors.ASSERTION_SIGNATURE, f"{what}: signature does not verify with {whose}"

@@ -23,6 +23,8 @@ DONE = {
     "verified": "Verified: the domain proved it is yours. Activate the application to get its API key.",
     "checking": "Not verified yet; see why below. Presence keeps checking in the background.",
     "deactivated": "Deactivated: the API key no longer works and the application's connections were closed.",
+    "activated": "Activated. The application can now connect with its API key.",
+    "rotated": "Rotated: the old API key no longer works and the connections that used it were closed.",
 }
 
 
@@ -40,6 +42,7 @@ class DeveloperPages:
                    errors_: dict | None = None, shown_key: tuple[int, str] | None = None,
                    done: str | None = None) -> bytes:
         site = self.site
+        shown_key = shown_key or site.sessions.take_key(request)
         apps = await site.store.list_apps(developer=developer)
         rows = []
         for app in apps:
@@ -101,7 +104,11 @@ class DeveloperPages:
         return redirect(request, with_query("/myapps", done="checking" if failure else "verified") + f"#app-{app.id}")
 
     async def activate(self, request: Any, developer: str, id: str) -> bytes:
-        """Make a new API key and show it this once (rotating closes the connections using the old one)."""
+        """Make a new API key and show it this once (rotating closes the connections using the old one).
+
+        Post/redirect/get: the answer is a redirect to /myapps, which shows the key handed over in a
+        cookie and clears it, so reloading that page neither posts again (rotating the key just
+        copied) nor shows the key again."""
         app = await self._own(request, developer, id)
         if app.state == PENDING:
             raise Problem(400, "Verify the application's domain before activating it.")
@@ -111,9 +118,8 @@ class DeveloperPages:
             await self.site.hub.close_application(app.app_id, errors.CLOSE_REVOKED, "the API key was rotated")
         log.info("{developer} {what} application {app_id}", developer=developer, app_id=app.app_id,
                  what="rotated the API key of" if was_active else "activated", event="web.app_activated")
-        done = ("Rotated: the old API key no longer works and the connections that used it were closed."
-                if was_active else "Activated. The application can now connect with its API key.")
-        return await self.page(request, developer, shown_key=(app.id, key), done=done)
+        self.site.sessions.hand_over_key(request, app.id, key)
+        return redirect(request, with_query("/myapps", done="rotated" if was_active else "activated") + f"#app-{app.id}")
 
     async def deactivate(self, request: Any, developer: str, id: str) -> bytes:
         app = await self._own(request, developer, id)

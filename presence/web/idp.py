@@ -36,6 +36,11 @@ from presence.web.common import Problem, local_path, read_json, send_json
 log = Logger()
 
 LINKS_PER_WINDOW = 5  # one-time links per address per link lifetime: no mail bombing
+# The BrowserID specification's key form ({"algorithm": "RS", "n"/"e" decimal}), which every other
+# implementation (PyBrowserID, Persona's verifier) reads; Presence itself reads JWK keys as well.
+KEY_FORMAT = "browserid"
+AUTHENTICATION_PAGE = "/browserid/sign_in"
+PROVISIONING_PAGE = "/browserid/provision"
 
 
 def issuer_domain(public_url: str) -> str:
@@ -77,7 +82,7 @@ async def load_issuer(config: Any, store: Any, reactor: Any, now: float, box: Se
             made = _pem(key).decode("ascii")
             pem = await shared_secret(store, box, "identity_key", lambda: made, now)
             key = _load(pem.encode("ascii"), "the database's identity key")
-    return Issuer(issuer_domain(config.public_url), key, "jwk")
+    return Issuer(issuer_domain(config.public_url), key, KEY_FORMAT)
 
 
 async def load_secret(config: Any, store: Any, now: float, box: SecretBox | None = None) -> bytes:
@@ -131,8 +136,8 @@ class IdentityProvider:
         return str(getattr(peer, "host", peer))
 
     def support_document(self, request: Any) -> bytes:
-        document = {"public-key": jws.public_key_to_json(self.issuer.public_key, "jwk"),
-                    "authentication": "/login", "provisioning": "/login"}
+        document = {"public-key": jws.public_key_to_json(self.issuer.public_key, KEY_FORMAT),
+                    "authentication": AUTHENTICATION_PAGE, "provisioning": PROVISIONING_PAGE}
         body = send_json(request, 200, document)
         request.setHeader(b"cache-control", b"public, max-age=300")
         return body
@@ -191,10 +196,32 @@ class IdentityProvider:
         link = await self.site.store.take_login_token(hash_key(token), now)
         if link is None:
             raise Problem(400, "This sign-in link was already used or has expired; ask for a new one.")
-        certificate = self.issuer.certify(link.email, jws.public_key_to_json(key, "jwk"), now, CERT_LIFETIME)
+        certificate = self.issuer.certify(link.email, jws.public_key_to_json(key, KEY_FORMAT), now, CERT_LIFETIME)
         log.info("certified a browser key for {email}", email=link.email, event="idp.certified")
         return send_json(request, 200, {"email": link.email, "certificate": certificate, "next": link.next_path,
                                         "expires": int((now + CERT_LIFETIME) * 1000)})
+
+    async def certify_signed_in(self, request: Any) -> bytes:
+        """The provisioning page's step: certify the key a BrowserID client made (navigator.id.genKeyPair)
+        for the address signed in to the pages, and only that one; the client asked for ``email``."""
+        self._csrf(request)
+        body = read_json(request)
+        signed_in = await self.site.sessions.user(request)
+        email = valid_email(str(body.get("email", ""))[:300])
+        if signed_in is None or email != signed_in:
+            raise Problem(403, "user is not authenticated as target user")
+        try:
+            key = jws.public_key_from_json(body.get("publicKey"))
+        except ValueError as e:
+            raise Problem(400, f"The key cannot be used ({e}).") from None
+        duration = body.get("duration")
+        lifetime = CERT_LIFETIME
+        if isinstance(duration, (int, float)) and not isinstance(duration, bool) and 60 <= duration:
+            lifetime = min(float(duration), CERT_LIFETIME)   # cert_duration asked for, at most a day
+        now = self.site.clock.seconds()
+        certificate = self.issuer.certify(email, jws.public_key_to_json(key, KEY_FORMAT), now, lifetime)
+        log.info("certified a key for {email} (provisioning)", email=email, event="idp.certified")
+        return send_json(request, 200, {"email": email, "certificate": certificate})
 
     async def login(self, request: Any) -> bytes:
         """Sign in with a backed assertion for this site (from Presence or any other trusted issuer)."""

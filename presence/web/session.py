@@ -25,6 +25,8 @@ SESSION = "presence_session"
 CSRF = "presence_csrf"
 CSRF_FIELD = "csrf"
 CSRF_HEADER = b"x-csrf-token"
+NEW_KEY = "presence_new_key"
+NEW_KEY_LIFETIME = 300   # seconds the redirect after an activation has to show the new API key
 
 
 def _mac(secret: bytes, purpose: str, value: str) -> str:
@@ -83,6 +85,28 @@ class Sessions:
         self._set(request, SESSION, "", 0)
         self._new_csrf(request)
         request.presence_user = None
+
+    # -- a new API key, carried across the redirect after activating (post/redirect/get) ---------------
+    def hand_over_key(self, request: Any, app: int, key: str) -> None:
+        """Keep ``key`` for the next page of this session only: a signed, short-lived cookie (so any
+        node can show it, and the database never holds it), which that page clears."""
+        sid = self._session_id(request) or ""
+        value = f"{app}.{key}"
+        self._set(request, NEW_KEY, f"{value}.{_mac(self.secret, 'new-key|' + sid, value)}", NEW_KEY_LIFETIME)
+
+    def take_key(self, request: Any) -> tuple[int, str] | None:
+        """The (application, API key) handed over by the previous response, once; None otherwise."""
+        raw = request.getCookie(self.cookie_name(NEW_KEY))
+        if not raw:
+            return None
+        self._set(request, NEW_KEY, "", 0)
+        value, _, mac = raw.decode("ascii", "replace").rpartition(".")
+        app, _, key = value.partition(".")
+        sid = self._session_id(request) or ""
+        if not app.isdigit() or not key or not hmac.compare_digest(
+                mac.encode(), _mac(self.secret, "new-key|" + sid, value).encode()):
+            return None
+        return int(app), key
 
     # -- CSRF ----------------------------------------------------------------------------------------
     def _new_csrf(self, request: Any) -> str:

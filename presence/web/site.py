@@ -8,6 +8,8 @@ idp.py (signing in), developer.py (/myapps) and people.py (the door hanger and /
 | GET /.well-known/browserid | Presence's identity provider support document |
 | GET /login | sign in (navigator.id.request) |
 | POST /login/start, /login/certify, /login/assertion | one-time link, certify the browser's key, sign in |
+| GET /browserid/sign_in, /browserid/provision | the BrowserID authentication and provisioning pages (for a standard client's navigator.id) |
+| POST /browserid/certify | certify a key for the signed-in address (the provisioning page) |
 | GET /login/link | the page a one-time link opens (token in the fragment) |
 | POST /logout | sign out |
 | GET, POST /myapps | list and register applications |
@@ -44,6 +46,7 @@ from presence.web.templates import environment
 log = Logger()
 
 CLEANUP_INTERVAL = 600.0
+FRAMED_CSP = b"default-src 'self'; img-src 'self' data:; frame-ancestors 'self'; base-uri 'none'"
 
 
 STATIC_TYPES = {".css": b"text/css; charset=utf-8", ".js": b"text/javascript; charset=utf-8"}
@@ -213,6 +216,20 @@ class WebSite:
         if await self._signed_in(request):
             return redirect(request, next_path)
         return await self.page(request, "login.html", next=next_path)
+
+    @app.route("/browserid/<any(sign_in,provision):which>", methods=["GET"])
+    async def browserid_page(self, request: Any, which: str) -> bytes:
+        """A standard BrowserID client opens these in its dialog (provisioning in a hidden frame):
+        framing by this origin is allowed, by any other not (the session cookie is SameSite too)."""
+        template = "authenticate.html" if which == "sign_in" else "provision.html"
+        body = await self.page(request, template)
+        request.setHeader(b"content-security-policy", FRAMED_CSP)
+        request.setHeader(b"x-frame-options", b"SAMEORIGIN")
+        return body
+
+    @app.route("/browserid/certify", methods=["POST"])
+    async def browserid_certify(self, request: Any) -> bytes:
+        return await self.idp.certify_signed_in(request)
 
     @app.route("/login/link", methods=["GET"])
     async def link(self, request: Any) -> bytes:

@@ -157,11 +157,12 @@ _nvx: list = []
 
 def _large_unmask():
     """Autobahn's vectorised XOR in C (NVX), when it is built: four times the speed of the big
-    integer on a payload of megabytes (the conformance run's 9.x cases). Looked up once, lazily."""
+    integer on a payload of megabytes (the conformance run's 9.x cases). Optional (the `speedups`
+    extra): without autobahn the big integer does it. Looked up once, lazily."""
     if not _nvx:
         try:
             from autobahn.websocket.xormasker import USES_NVX, create_xor_masker
-        except ImportError:       # pragma: no cover - autobahn is a dependency; its C part may not be built
+        except ImportError:       # autobahn is optional (pip install 'presence[speedups]')
             USES_NVX = False
         _nvx.append((lambda mask, data: create_xor_masker(mask, len(data)).process(data)) if USES_NVX else None)
     return _nvx[0]

@@ -251,11 +251,21 @@ class PresenceServerProtocol:
 
     def _peer_closed(self, payload: bytes) -> None:
         code, _ = frames.parse_close(payload)
-        if self.state == _OPEN:
-            # Answer with the same code; the server closes the TCP connection (RFC 6455 7.1.1).
-            self._write(frames.close_frame(code if code is not None else frames.NORMAL))
+        if self.state != _OPEN:
+            # The peer answered our close: it has read everything we sent, so nothing is left to
+            # flush. Hang up at once: over TLS a graceful loseConnection waits for the peer's
+            # close_notify, which a client waiting for the server to drop TCP (RFC 6455 7.1.1) never
+            # sends, and the close timer would hold every TLS connection close_timeout seconds.
+            self.state = _CLOSING
+            self.abort()
+            return
+        # Answer with the same code; the server closes the TCP connection (RFC 6455 7.1.1) once the
+        # answer is out, and gives up after close_timeout if the peer holds TLS shutdown open.
+        self._write(frames.close_frame(code if code is not None else frames.NORMAL))
         self.state = _CLOSING
         self.transport.loseConnection()
+        if self._close_timer is None:
+            self._close_timer = self.factory.clock.callLater(self.factory.close_timeout, self.abort)
 
     def _fail(self, code: int, reason: str) -> None:
         """The peer broke the protocol: tell it why and hang up (RFC 6455 7.1.7)."""
