@@ -26,9 +26,11 @@ class Record:
     statuses: list[dict] = field(default_factory=list)       # {device, status, outcome, t}
     updates: list[dict] = field(default_factory=list)        # {app, conn, n, email, status, seq}
     sent: dict[str, dict] = field(default_factory=dict)      # text -> {app, email, attempts: [outcome]}
-    received: list[dict] = field(default_factory=list)       # {device, email, id, message}
+    received: list[dict] = field(default_factory=list)       # {device, email, id, message, n}
     acks: dict[int, str] = field(default_factory=dict)       # notification id -> ok | lost | maybe | ko
     arrivals: itertools.count = field(default_factory=itertools.count)
+    # {who, node, event: open | ok | closed, t, n}: where each client was, to read a violation's story
+    connections: list[dict] = field(default_factory=list)
 
 
 class Device:
@@ -52,7 +54,8 @@ class Device:
     def _on_push(self, message: dict) -> None:
         rec = self.fleet.record
         for item in message.get("notifications", []):
-            rec.received.append({"device": self.key, "email": self.email, "id": item["id"], "message": item["message"]})
+            rec.received.append({"device": self.key, "email": self.email, "id": item["id"], "message": item["message"],
+                                 "n": next(rec.arrivals)})
         ids = [item["id"] for item in message.get("notifications", []) if self.fleet.rng.random() < 0.5]
         if ids:
             asyncio.create_task(self._ack(self.ws, ids))
@@ -103,11 +106,13 @@ class Device:
                 continue
             node = self.fleet.pick_node()
             try:
+                self.fleet.note(self.key, node, "open")
                 self.ws = ws = await WS.open(node.ws, "/presence", self._on_push, self._push)
                 answer = await ws.request({"type": "connect", "device": self.name,
                                            "assertion": self.fleet.assertion(self.email)})
                 if answer.get("result") is not True:
                     raise Gone(f"connect refused: {answer}")
+                self.fleet.note(self.key, node, "ok")
                 self.connects += 1
                 if self.intended is not None and not await self._status(ws, self.intended):
                     raise Gone("the re-stated status was refused")
@@ -118,6 +123,7 @@ class Device:
                 pass
             finally:
                 self.ready.clear()
+                self.fleet.note(self.key, node, "closed")
                 if self.ws is not None:
                     self.ws.abort()
             if not self.parked:
@@ -183,11 +189,14 @@ class AppConn:
                 await _either(self.back, self.fleet.stop_event, None)
                 continue
             node = self.fleet.pick_node()
+            who = f"{self.app['name']}#{self.index}"
             try:
+                self.fleet.note(who, node, "open")
                 self.ws = ws = await WS.open(node.ws, "/" + self.app["app_id"], self._on_push, self._push)
                 answer = await ws.request({"key": self.app["key"]})
                 if answer.get("result") != "OK":
                     raise Gone(f"key refused: {answer}")
+                self.fleet.note(who, node, "ok")
                 self.connects += 1
                 self.ready.set()
                 backoff = 0.3
@@ -196,6 +205,7 @@ class AppConn:
                 pass
             finally:
                 self.ready.clear()
+                self.fleet.note(who, node, "closed")
                 if self.ws is not None:
                     self.ws.abort()
             # applications reconnect less eagerly than devices: changes meanwhile must wait for them
@@ -224,7 +234,7 @@ class Poster:
             entry = self.fleet.record.sent[text] = {"app": self.app["app_id"], "email": email, "attempts": []}
             self.busy = True
             for _ in range(3):
-                outcome = await self._send(email, text)
+                outcome = await self._send(email, text, entry)
                 entry["attempts"].append(outcome)
                 if outcome not in ("errno 50", "lost"):
                     break
@@ -232,15 +242,18 @@ class Poster:
             self.busy = False
             await _either(self.fleet.stop_event, self.fleet.wake, rng.uniform(0.1, 0.4))
 
-    async def _send(self, email: str, text: str) -> str:
+    async def _send(self, email: str, text: str, entry: dict) -> str:
         item = [{"uid": self.app["uids"][email], "message": text}]
         conn = self.fleet.rng.choice(self.conns)
         try:
             if self.fleet.rng.random() < 0.3 and conn.ws is not None and conn.ready.is_set():
+                entry.setdefault("via", []).append([f"ws:{self.app['name']}#{conn.index}", round(time.time(), 3)])
                 answer = await conn.ws.request({"type": "notify", "notifications": item})
                 result = answer["results"][0] if answer.get("type") == "notified" else answer
             else:
-                status, body = await http_post(self.fleet.pick_node().web, f"/{self.app['app_id']}/notification",
+                node = self.fleet.pick_node()
+                entry.setdefault("via", []).append([node.name, round(time.time(), 3)])
+                status, body = await http_post(node.web, f"/{self.app['app_id']}/notification",
                                                item, self.app["key"])
                 result = body[0] if status == 200 and isinstance(body, list) else body
         except Gone:
@@ -277,6 +290,10 @@ class Fleet:
 
     def pick_node(self):
         return self.rng.choice(self.nodes)
+
+    def note(self, who: str, node, event: str) -> None:
+        self.record.connections.append({"who": who, "node": node.name, "event": event, "t": round(time.time(), 3),
+                                        "n": next(self.record.arrivals)})
 
     def start(self) -> None:
         clients = [*self.devices, *(c for cs in self.conns.values() for c in cs), *self.posters]
