@@ -93,7 +93,13 @@ class Hub:
                 return {"takeover": [email, device_id, link.session]}  # tell the node that had it
             return None
 
-        await self._change(email, take)
+        try:
+            await self._change(email, take)
+        except BaseException:
+            # Answered errno 50 and going; the write may still have committed (its answer lost):
+            # it ends like a dropped connection, so a row that did commit is cleared after grace.
+            self.detach(link, connection)
+            raise
         return link
 
     async def set_status(self, link: Link, status: str, app_ids: frozenset[str] | None = None) -> None:

@@ -787,3 +787,32 @@ async def test_a_device_offline_write_that_failed_is_retried_soon_not_after_the_
         assert (await store.get_status("alice@example.com")).status == "offline"
     finally:
         await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_device_whose_attach_failed_is_not_kept_as_live(database_url):
+    """The connect's store write failed (perhaps after committing: the answer was lost): the device
+    was answered errno 50 and goes, but its link stayed, live, with no grace period, so a row that
+    did commit would never be cleared (a ghost device). It now ends like a dropped connection."""
+    from tests.fakes import eventually
+
+    store = open_store(database_url)
+    await store.open()
+    try:
+        clock = Clock()
+        hub = Hub(store, Streams(store, clock), clock, "n", grace=1.0)
+        inner = store._transaction
+
+        async def committed_but_lost(interaction):
+            await inner(interaction)
+            raise StoreUnavailable("injected: committed, but the answer was lost with the connection")
+        store._transaction = committed_but_lost
+        with pytest.raises(StoreUnavailable):
+            await hub.attach("alice@example.com", "phone", None, Phone())
+        store._transaction = inner
+        assert [d.device for d in await store.list_devices("alice@example.com")] == ["phone"]   # the ghost
+        clock.advance(1.0)
+        await eventually(lambda: ("alice@example.com", "phone") not in hub.links)
+        assert await store.list_devices("alice@example.com") == []
+    finally:
+        await store.close()
