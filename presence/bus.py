@@ -89,8 +89,10 @@ class ChangeFeed:
         if self._reading is not None:
             self._again = True
             return None
-        self._reading = ensureDeferred(self._read())
-        return self._reading
+        reading = ensureDeferred(self._read())
+        if not reading.called:       # one that ended at once has already cleared _reading
+            self._reading = reading
+        return reading
 
     async def _read(self) -> None:
         try:
@@ -114,6 +116,10 @@ class ChangeFeed:
                     return
         except StoreUnavailable as e:
             log.warn("cannot read the change log ({why}); the next poll tries again", why=e, event="bus.read_failed")
+        except Exception:
+            # Never out of here: the poll's LoopingCall would stop for good on a failed Deferred,
+            # and a node would follow the log only while its LISTEN connection lives.
+            log.failure("reading the change log failed; the next poll tries again", event="bus.read_error")
         finally:
             self._reading = None
 

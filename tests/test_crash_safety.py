@@ -816,3 +816,34 @@ async def test_a_device_whose_attach_failed_is_not_kept_as_live(database_url):
         assert await store.list_devices("alice@example.com") == []
     finally:
         await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_log_is_still_polled_after_a_read_failed_unexpectedly(database_url):
+    """The poll is a LoopingCall on the read: one read failing with anything but StoreUnavailable
+    stopped it for good, and the node then followed the log only while its LISTEN connection lived."""
+    from presence import changelog
+    from tests.fakes import eventually
+
+    store = open_store(database_url)
+    await store.open()
+    try:
+        clock, applied = Clock(), []
+        feed = ChangeFeed(store, clock, applied.append, poll_interval=2.0)
+        await feed.start()
+        real, calls = store.changes_since, []
+
+        async def odd_once(seq, limit=1000):
+            calls.append(seq)
+            if len(calls) == 1:
+                raise ValueError("injected: something unexpected")
+            return await real(seq, limit)
+        store.changes_since = odd_once
+        await store.log_change("other", 1.0, changelog.encode([]))
+        clock.advance(2.0)
+        await eventually(lambda: len(calls) == 1 and feed._reading is None)
+        clock.advance(2.0)
+        await eventually(lambda: len(applied) == 1)
+        feed.stop()
+    finally:
+        await store.close()
