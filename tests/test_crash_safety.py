@@ -847,3 +847,34 @@ async def test_the_log_is_still_polled_after_a_read_failed_unexpectedly(database
         feed.stop()
     finally:
         await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_second_reaper_hands_on_the_latest_change_not_the_latest_logged(database_url):
+    """Two dead nodes held one application. The first reaper marks a person offline (not queued:
+    the other dead node still holds the application) and then logs again, with their old numbers,
+    the changes its dead node had not delivered (the person's earlier 'online'). The second reaper
+    took the last entry *in log order* for each person, that replay, so the waiting queue said
+    online for ever (chaos checker: an application told 'unavailable' of someone long offline)."""
+    store = open_store(database_url)
+    await store.open()
+    try:
+        app, _ = await new_app(store, "alice@example.com")
+        now = await store.now()
+        for name in ("b1", "c1"):
+            await store.register_node(name, now - 100, 0)
+            await store.subscribe(name, app.app_id)
+        for name in ("b2", "c2"):
+            await store.register_node(name, now, 0)
+
+        def online(devices):
+            devices["phone"] = Device("alice@example.com", "phone", "c1", "online", 1.0, "s")
+        first = await store.change_person("alice@example.com", online, "c1", 1.0)
+        assert not first.queued                      # held (by both)
+        reaped = await store.reap_node("c2", 2.0, node="c1")
+        assert [u.status for u in reaped.replayed] == ["online"] and not reaped.queued
+        reaped = await store.reap_node("b2", 3.0, node="b1")
+        waiting = await store.take_pending(app.app_id, 0.0)
+        assert [(p.email, p.status) for p in waiting] == [("alice@example.com", "offline")]
+    finally:
+        await store.close()

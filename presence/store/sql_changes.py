@@ -276,9 +276,11 @@ class ChangeQueries:
             for seq, payload in rows:
                 updates, queued, _ = changelog.decode(payload, int(seq))
                 for u in updates:
-                    if u.app_id in apps and u.app_id not in queued:
-                        missed[(u.app_id, u.email)] = (u.app_id, u.email, u.uid, u.status, u.at, u.seq,
-                                                         u.last_active)
+                    # The highest number per person, not the last entry in the log: a replay logged
+                    # by an earlier reaper carries older numbers after newer changes.
+                    key = (u.app_id, u.email)
+                    if u.app_id in apps and u.app_id not in queued and (key not in missed or u.seq > missed[key][5]):
+                        missed[key] = (u.app_id, u.email, u.uid, u.status, u.at, u.seq, u.last_active)
                 since = int(seq)
             if len(rows) < MISSED_BATCH:
                 break
