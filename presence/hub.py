@@ -45,6 +45,7 @@ class Link:
     connection: DeviceConnection | None
     grace: IDelayedCall | None = None
     retries: int = 0         # failed offline writes in a row (the next waits longer)
+    replaced: str = ""       # the session of the link this one replaced here, while its row may remain
 
     def cancel_grace(self) -> None:
         if self.grace is not None and self.grace.active():
@@ -81,6 +82,8 @@ class Hub:
             if old.connection is not None and old.connection is not connection:
                 old.connection.close(errors.CLOSE_REPLACED, "replaced by a newer connection of the same device")
         link = self.links[key] = Link(email, device_id, new_id(), connection)
+        if old is not None:
+            link.replaced = old.session     # until this connect is written, the row may still be the old one's
         self.by_email.setdefault(email, {})[device_id] = link
         now = self.clock.seconds()
 
@@ -95,6 +98,7 @@ class Hub:
 
         try:
             await self._change(email, take)
+            link.replaced = ""
         except BaseException:
             # Answered errno 50 and going; the write may still have committed (its answer lost):
             # it ends like a dropped connection, so a row that did commit is cleared after grace.
@@ -272,7 +276,7 @@ class Hub:
 
 def _drop(devices: dict[str, Device], link: Link) -> None:
     device = devices.get(link.device)
-    if device is not None and device.session == link.session:
+    if device is not None and (device.session == link.session or (link.replaced and device.session == link.replaced)):
         del devices[link.device]
 
 

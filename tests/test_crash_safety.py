@@ -878,3 +878,36 @@ async def test_a_second_reaper_hands_on_the_latest_change_not_the_latest_logged(
         assert [(p.email, p.status) for p in waiting] == [("alice@example.com", "offline")]
     finally:
         await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_reconnect_of_a_device_does_not_leave_its_earlier_row_for_ever(database_url):
+    """The device reconnects here: the new link replaces the old one (its grace cancelled), then the
+    new connect's store write fails before committing. The row still has the old session, which the
+    new link's expiry did not recognise, so it stayed (chaos checker: a device row with no live
+    connection, on a live node, for good)."""
+    from tests.fakes import eventually
+
+    store = open_store(database_url)
+    await store.open()
+    try:
+        clock = Clock()
+        hub = Hub(store, Streams(store, clock), clock, "n", grace=1.0)
+        old = Phone()
+        link = await hub.attach("alice@example.com", "phone", None, old)
+        await hub.set_status(link, "online")
+        inner = store._transaction
+
+        async def refused(interaction):
+            raise StoreUnavailable("injected: the database went away")
+        store._transaction = refused
+        with pytest.raises(StoreUnavailable):
+            await hub.attach("alice@example.com", "phone", None, Phone())
+        store._transaction = inner
+        assert [d.session for d in await store.list_devices("alice@example.com")] == [link.session]
+        clock.advance(1.0)
+        await eventually(lambda: ("alice@example.com", "phone") not in hub.links)
+        assert await store.list_devices("alice@example.com") == []
+        assert (await store.get_status("alice@example.com")).status == "offline"
+    finally:
+        await store.close()
