@@ -911,3 +911,26 @@ async def test_a_failed_reconnect_of_a_device_does_not_leave_its_earlier_row_for
         assert (await store.get_status("alice@example.com")).status == "offline"
     finally:
         await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connect_that_fails_at_once_is_the_store_unavailable_not_a_failed_start(postgres_url):
+    """txpostgres raised straight out of the pool's start (epoll refused a socket libpq had just
+    replaced, as the server restarted): the node's start, which retries only StoreUnavailable, gave
+    up for good and the process stayed up without listening (chaos checker: a node that never came
+    back after a database restart)."""
+    from presence.store import postgres
+
+    store = open_store(postgres_url)
+    real = postgres._Pool.start
+
+    def vanished(self):
+        raise FileNotFoundError(2, "No such file or directory")
+    postgres._Pool.start = vanished
+    try:
+        with pytest.raises(StoreUnavailable, match="No such file"):
+            await store.open()
+    finally:
+        postgres._Pool.start = real
+    await store.open()             # and the next attempt simply works
+    await store.close()

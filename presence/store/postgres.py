@@ -178,7 +178,12 @@ class PostgresStore(SQLStore):
         # libpq ignores connect_timeout for asynchronous connections, so time the start ourselves;
         # a plain Deferred in between can be cancelled (txpostgres' own cannot, cleanly).
         started: defer.Deferred = defer.Deferred()
-        pool.start().chainDeferred(started)
+        try:
+            # txpostgres polls libpq's socket as it connects and may raise at once, not through the
+            # Deferred (the socket changed under epoll as the server restarted: ENOENT, fd -1)
+            pool.start().chainDeferred(started)
+        except Exception as e:
+            started.errback(e)
         started.addTimeout(self.connect_timeout, self._reactor)
         try:
             await started
