@@ -11,7 +11,6 @@ Exit status 0 when there is no problem (and, with ``--strict``, no warning), 1 o
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import os
 import socket
 import sqlite3
@@ -23,6 +22,7 @@ from urllib.parse import urlsplit
 from twisted.python import usage
 
 from presence.config import Config
+from presence.public_urls import is_loopback
 
 OK, WARNING, PROBLEM = "OK", "WARNING", "PROBLEM"
 
@@ -69,18 +69,6 @@ def config_from_arguments(arguments: Sequence[str], database: str | None = None,
     return config
 
 
-def _is_loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    host = host.strip("[]").lower()
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _origin_problem(url: str, schemes: tuple[str, ...], paths: bool) -> str | None:
     """Why ``url`` is not a ``scheme://host[:port]`` (with a path if ``paths``), or None."""
     try:
@@ -110,7 +98,7 @@ def check_urls(config: Config) -> list[Finding]:
                              "give how people reach the pages, e.g. https://presence.example.org"))
     else:
         found.append(Finding(OK, "--public-url", config.public_url))
-        if page.scheme == "http" and not _is_loopback(page.hostname):
+        if page.scheme == "http" and not is_loopback(page.hostname):
             found.append(Finding(WARNING, "--public-url", "plain http on a public host: browsers only offer the "
                                  "sign-in pages' WebCrypto to https pages (and localhost)",
                                  "serve the pages over https (ssl: endpoint or a TLS-terminating load balancer)"))
@@ -143,7 +131,7 @@ def check_identity(config: Config) -> list[Finding]:
 
     found: list[Finding] = []
     host = urlsplit(config.public_url).hostname
-    if config.insecure_identity and not _is_loopback(host):
+    if config.insecure_identity and not is_loopback(host):
         found.append(Finding(WARNING, "--insecure-identity", f"on, with a public URL on {host}: identity issuers "
                              "may then be fetched over plain http and on private addresses",
                              "remove --insecure-identity (it is for tests and local setups only)"))
