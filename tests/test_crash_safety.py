@@ -733,7 +733,8 @@ async def test_a_connection_lost_at_the_commit_itself_is_settled_from_the_log(po
         uid = (await store.get_grant("alice@example.com", app.app_id)).uid
         with psycopg2.connect(postgres_url) as db, db.cursor() as cur:
             cur.execute("CREATE FUNCTION die_at_commit() RETURNS trigger LANGUAGE plpgsql AS"
-                        " $$ BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NULL; END $$")
+                        " $$ BEGIN PERFORM pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE pid = pg_backend_pid() AND datname = current_database(); RETURN NULL; END $$")
             cur.execute("CREATE CONSTRAINT TRIGGER die AFTER INSERT ON notifications DEFERRABLE INITIALLY DEFERRED"
                         " FOR EACH ROW WHEN (NEW.message = 'doomed') EXECUTE FUNCTION die_at_commit()")
         seen = []
