@@ -48,7 +48,6 @@ class Link:
     grace: IDelayedCall | None = None
     retries: int = 0         # failed offline writes in a row (the next waits longer)
     replaced: str = ""       # the session of the link this one replaced here, while its row may remain
-    pairing: str = ""        # the paired device this is (presence.pairing): revoking it closes the link
 
     def cancel_grace(self) -> None:
         if self.grace is not None and self.grace.active():
@@ -75,6 +74,9 @@ class Hub:
         # Pairings revoked lately (id -> when): a connect that checked its pairing just before the
         # revocation reached this node is refused when it attaches, not left open.
         self.revoked: dict[str, float] = {}
+        # The pairing of each paired device's link here (presence.pairing), kept beside the links
+        # so that the many devices that are not paired pay nothing for it.
+        self.pairings: dict[tuple[str, str], str] = {}
 
     # -- devices ----------------------------------------------------------------------------------
     async def attach(self, email: str, device_id: str, scope: frozenset[str] | None,
@@ -91,7 +93,11 @@ class Hub:
             old.cancel_grace()
             if old.connection is not None and old.connection is not connection:
                 old.connection.close(errors.CLOSE_REPLACED, "replaced by a newer connection of the same device")
-        link = self.links[key] = Link(email, device_id, new_id(), connection, pairing=pairing)
+        link = self.links[key] = Link(email, device_id, new_id(), connection)
+        if pairing:
+            self.pairings[key] = pairing
+        elif self.pairings:
+            self.pairings.pop(key, None)
         if old is not None:
             link.replaced = old.session     # until this connect is written, the row may still be the old one's
         self.by_email.setdefault(email, {})[device_id] = link
@@ -169,7 +175,7 @@ class Hub:
         while self.revoked and (len(self.revoked) > REVOKED_KEPT or next(iter(self.revoked.values())) < now - REVOKED_FOR):
             del self.revoked[next(iter(self.revoked))]
         for link in list(self.by_email.get(email, {}).values()):
-            if link.pairing == pairing and link.connection is not None:
+            if self.pairings.get((email, link.device)) == pairing and link.connection is not None:
                 link.connection.close(errors.CLOSE_DEVICE_REVOKED, "this device was revoked on /me")
 
     def detach(self, link: Link, connection: DeviceConnection) -> None:
@@ -178,8 +184,9 @@ class Hub:
             return  # already replaced by a newer connection
         link.connection = None
         link.grace = self.clock.callLater(self.grace, self._expire, link)
-        if link.pairing:   # when it was last seen, for /me
-            ensureDeferred(self.store.touch_paired_device(link.pairing, link.email, self.clock.seconds())) \
+        pairing = self.pairings.get((link.email, link.device))
+        if pairing:   # when it was last seen, for /me (a failure only leaves it older)
+            ensureDeferred(self.store.touch_paired_device(pairing, link.email, self.clock.seconds())) \
                 .addErrback(lambda f: None)
 
     def _expire(self, link: Link) -> None:
@@ -212,6 +219,8 @@ class Hub:
             del devices[link.device]
             if not devices:
                 del self.by_email[link.email]
+            if self.pairings:
+                self.pairings.pop((link.email, link.device), None)
 
     def notify(self, email: str, notifications: list[dict]) -> int:
         """Push live notifications to the person's devices connected here; returns how many got them."""
@@ -297,6 +306,7 @@ class Hub:
             link.connection = None
         self.links.clear()
         self.by_email.clear()
+        self.pairings.clear()
         try:
             await self.clear_node(self.node)
         except StoreUnavailable as e:
