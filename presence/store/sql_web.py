@@ -61,7 +61,9 @@ class WebQueries:
         def interaction():
             sessions = yield "DELETE FROM web_sessions WHERE expires_at <= ? RETURNING 1", (now,)
             links = yield "DELETE FROM login_tokens WHERE expires_at <= ? RETURNING 1", (now,)
-            return len(sessions) + len(links)
+            # an approved request the device never took stays a while for it (its device is listed)
+            pairings = yield ("DELETE FROM pairing_requests WHERE expires_at <= ? RETURNING 1", (now,))
+            return len(sessions) + len(links) + len(pairings)
 
         return await self._transaction(interaction())
 

@@ -17,6 +17,8 @@ idp.py (signing in), developer.py (/myapps) and people.py (the door hanger and /
 | GET, POST /<appid>/grant | the door hanger |
 | GET /me, POST /me/status, POST /me/revoke | the person's page |
 | GET /me/notifications, POST /me/dismiss | waiting notifications (JSON, polled by the page), dismissing one |
+| POST /pair, /pair/token, /pair/renew | a device without a browser pairs (pairing.py, JSON, RFC 8628's manner) |
+| GET, POST /me/pair, POST /me/unpair | the person approves a device's code; revokes a paired device |
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from presence.secrets_at_rest import SecretBox
 from presence.web.common import Problem, arg, local_path, redirect, render, send_json, with_query
 from presence.web.developer import DeveloperPages
 from presence.web.idp import IdentityProvider, load_issuer, load_secret
+from presence.pairing import Pairing, PairingOptions
+from presence.web.pairing import PairingPages
 from presence.web.people import PeoplePages
 from presence.web.session import Sessions
 from presence.web.templates import environment
@@ -84,6 +88,8 @@ class WebSite:
                                     config.login_links_total, config.client_address_header)
         self.developer = DeveloperPages(self)
         self.people = PeoplePages(self)
+        self.pairing = PairingPages(self, Pairing(self.store, issuer, self.clock, self.public_url,
+                                                  PairingOptions.from_config(config)))
         self.http = http or safe_client(node.reactor, config.verify_allow_private, connect_timeout=config.verify_timeout,
                                         max_head=config.fetch_max_head, max_header_lines=config.fetch_max_header_lines)
         self.poller = VerificationPoller(self.store, self.apps, self.clock, config.node, self._check,
@@ -289,11 +295,26 @@ class WebSite:
             return self.to_login(request)
         return await self.people.me(request, email)
 
+    @app.route("/me/pair", methods=["GET"])
+    async def me_pair(self, request: Any) -> bytes:
+        email = await self._signed_in(request)
+        if email is None:
+            return self.to_login(request)
+        return await self.pairing.page(request, email)
+
+    @app.route("/pair", methods=["POST"])
+    async def pair(self, request: Any) -> bytes:
+        return await self.pairing.start(request)
+
+    @app.route("/pair/<any(token,renew):step>", methods=["POST"])
+    async def pair_step(self, request: Any, step: str) -> bytes:
+        return await (self.pairing.token(request) if step == "token" else self.pairing.renew(request))
+
     @app.route("/me/notifications", methods=["GET"])
     async def me_notifications(self, request: Any) -> bytes:
         return await self.people.notifications(request)
 
-    @app.route("/me/<any(status,revoke,dismiss):action>", methods=["POST"])
+    @app.route("/me/<any(status,revoke,dismiss,pair,unpair):action>", methods=["POST"])
     async def me_action(self, request: Any, action: str) -> bytes:
         self._guard(request)
         email = await self._signed_in(request)
@@ -303,6 +324,10 @@ class WebSite:
             return await self.people.set_status(request, email)
         if action == "dismiss":
             return await self.people.dismiss(request, email)
+        if action == "pair":
+            return await self.pairing.decide(request, email)
+        if action == "unpair":
+            return await self.pairing.revoke(request, email)
         return await self.people.revoke(request, email)
 
     @app.route("/<string:app_id>/grant", methods=["GET"])
