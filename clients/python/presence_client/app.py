@@ -119,14 +119,18 @@ class PresenceApp:
         assert self.synced_seq is not None
         return self.synced_seq
 
-    async def changes(self) -> AsyncIterator[Change]:
-        """Every change as it is applied to `people` (starting the loop if needed). Ends after
-        close(); raises Stopped when the node refuses the application."""
+    def changes(self) -> AsyncIterator[Change]:
+        """Every change applied to `people` from this call on (starting the loop if needed): the
+        first state's people, live changes, replays, and what a resync corrects. Ends after close();
+        raises Stopped when the node refuses the application."""
         if self._queue is None:
             self._queue = asyncio.Queue()
         self.start()
+        return self._iterate(self._queue)
+
+    async def _iterate(self, queue: asyncio.Queue[Any]) -> AsyncIterator[Change]:
         while True:
-            item = await self._queue.get()
+            item = await queue.get()
             if item is _END:
                 if self.error is not None:
                     raise self.error
@@ -140,7 +144,7 @@ class PresenceApp:
                 try:
                     await self._connection()
                 except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed, ValueError) as e:
-                    log.info("connection to %s failed: %s", self.url, e)
+                    (log.warning if self.backoff.attempt == 0 else log.info)("connection to %s failed: %s", self.url, e)
                 if self._closing:
                     return
                 self._url_index = (self._url_index + 1) % len(self.ws_urls)

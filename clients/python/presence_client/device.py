@@ -109,7 +109,7 @@ class PresenceDevice:
                 try:
                     await self._connection()
                 except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed, RequestError, ValueError) as e:
-                    log.info("device connection failed: %s", e)
+                    (log.warning if self.backoff.attempt == 0 else log.info)("device connection failed: %s", e)
                 if self._fatal is not None:
                     raise self._fatal
                 if self._closing:
