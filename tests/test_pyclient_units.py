@@ -142,3 +142,24 @@ def test_urls_derived_for_pairing():
     assert derive_ws_url("https://presence.example") == "wss://presence.example"
     code = PairingCode("d", "BCDF-GHJK", "https://presence.example/me/pair", None, 600, 5)
     assert audience_of(code) == "https://presence.example"
+
+
+def test_the_client_is_a_distribution_of_its_own_that_needs_neither_the_server_nor_twisted():
+    import subprocess
+    import sys
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    project = tomllib.loads((root / "clients/python/pyproject.toml").read_text())["project"]
+    assert project["name"] == "presence-client" and project["requires-python"] == ">=3.11"
+    assert sorted(d.split()[0] for d in project["dependencies"]) == ["cryptography", "websockets"]
+    assert project["scripts"] == {"presence-device": "presence_client.cli:main"}
+    code = ("import sys; sys.modules['presence'] = sys.modules['twisted'] = None\n"
+            "import presence_client, presence_client.cli; print(presence_client.__version__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == project["version"], done.stderr
+    # CI installs the client with the server and runs exactly README's test command
+    readme, ci = (root / "README.md").read_text(), (root / ".ci/run").read_text()
+    install = "pip install -q -e '.[test]' -e ./clients/python --config-settings editable_mode=compat"
+    assert install in ci and install.replace(" -q", "") + " && python -m pytest -q" in readme
