@@ -5,13 +5,14 @@ sent over HTTP and over the websocket."""
 
 from __future__ import annotations
 
+import pytest
 import pytest_twisted
 import treq
 from twisted.internet.defer import ensureDeferred, gatherResults
 
 from presence.apps import Applications
 from presence.store import open_store
-from presence_client import Backoff, PresenceApp, PresenceDevice
+from presence_client import Backoff, PresenceApp, PresenceDevice, Stopped
 from tests.cluster import AUDIENCE, NodeProcess
 from tests.fakes import until
 from tests.pyclient import AsyncioThread, idp_credentials
@@ -92,6 +93,12 @@ async def test_an_application_survives_kill_9_of_its_node_and_ends_with_the_true
         await client.run(laptop.close())
         await client.until(lambda: stream.people[uid["alice@example.com"]].status == "offline", "alice offline")
         await client.run(stream.close())
+
+        # a wrong key is not retried: the client stops with the node's errno
+        wrong = PresenceApp(f"ws://127.0.0.1:{b.ws}", app.app_id, "x" * 1024, backoff=Backoff(base=0.05, cap=0.5))
+        with pytest.raises(Stopped) as refused:
+            await client.run(wrong.wait())
+        assert refused.value.errno == 30
         bob.close()
     finally:
         client.stop()

@@ -163,3 +163,30 @@ def test_the_client_is_a_distribution_of_its_own_that_needs_neither_the_server_n
     readme, ci = (root / "README.md").read_text(), (root / ".ci/run").read_text()
     install = "pip install -q -e '.[test]' -e ./clients/python --config-settings editable_mode=compat"
     assert install in ci and install.replace(" -q", "") + " && python -m pytest -q" in readme
+
+
+def test_pairing_polls_at_the_interval_adds_five_seconds_at_slow_down_and_stops_on_denial(monkeypatch):
+    import asyncio
+
+    from presence_client import PairingError, pairing
+
+    answers = [(400, {"error": "authorization_pending"}), (400, {"error": "slow_down"}),
+               (400, {"error": "authorization_pending"}), (200, {"email": "a@x", "certificate": "c"})]
+    polled, slept = [], []
+
+    async def fake_request(method, url, body=None, headers=None):
+        polled.append((method, url, body))
+        return (*answers.pop(0), {})
+
+    async def fake_sleep(seconds):
+        slept.append(seconds)
+
+    monkeypatch.setattr(pairing, "request_json", fake_request)
+    code = PairingCode("secret", "BCDF-GHJK", "http://n/me/pair", None, 600, 2)
+    approved = asyncio.run(pairing.wait_for_approval("http://n/", code, fake_sleep))
+    assert approved["email"] == "a@x" and slept == [2, 2, 7, 7]
+    assert polled[0] == ("POST", "http://n/pair/token", {"device_code": "secret"})
+    answers[:] = [(400, {"error": "access_denied"})]
+    with pytest.raises(PairingError) as denied:
+        asyncio.run(pairing.wait_for_approval("http://n", code, fake_sleep))
+    assert denied.value.error == "access_denied"
