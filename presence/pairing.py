@@ -89,11 +89,12 @@ class Pairing:
     """The rules of pairing; the web layer (presence.web.pairing) turns them into routes and pages."""
 
     def __init__(self, store: Any, issuer: Issuer, clock: Any, public_url: str, options: PairingOptions,
-                 key_format: str = "browserid"):
+                 key_format: str = "browserid", websocket: str = ""):
         self.store = store
         self.issuer = issuer
         self.clock = clock
         self.public_url = public_url.rstrip("/")
+        self.websocket = websocket   # where devices connect (<public websocket URL>/presence)
         self.options = options
         self.key_format = key_format
         window = options.code_lifetime
@@ -156,7 +157,8 @@ class Pairing:
         certificate = self.issuer.certify(device.email, json.loads(device.public_key), now, lifetime,
                                           claims={CLAIM: device.id})
         return {"email": device.email, "device": device.name, "pairing": device.id,
-                "certificate": certificate, "expires": int((now + lifetime) * 1000)}
+                "certificate": certificate, "expires": int((now + lifetime) * 1000),
+                "audience": self.public_url, "websocket": self.websocket}
 
     # -- the person -----------------------------------------------------------------------------------------
     def limit_wrong_code(self, email: str) -> float:

@@ -133,6 +133,7 @@ async def test_a_device_pairs_through_the_person_s_page_connects_renews_and_is_r
     code, taken = await post(live, "/pair/token", {"device_code": started["device_code"]})
     assert code == 200, taken
     assert (taken["email"], taken["device"]) == ("alice@example.com", "kitchen")
+    assert (taken["audience"], taken["websocket"]) == (live.public_url, "ws://127.0.0.1:9/presence")
     payload = jws.parse(taken["certificate"], "certificate").payload
     assert payload["presence-pairing"] == taken["pairing"] and payload["public-key"] == PUBLIC
     assert payload["exp"] - payload["iat"] == 30 * 86400 * 1000 == taken["expires"] - payload["iat"]

@@ -89,7 +89,8 @@ class WebSite:
         self.developer = DeveloperPages(self)
         self.people = PeoplePages(self)
         self.pairing = PairingPages(self, Pairing(self.store, issuer, self.clock, self.public_url,
-                                                  PairingOptions.from_config(config)))
+                                                  PairingOptions.from_config(config),
+                                                  websocket=config.public_ws_url.rstrip("/") + "/presence"))
         self.http = http or safe_client(node.reactor, config.verify_allow_private, connect_timeout=config.verify_timeout,
                                         max_head=config.fetch_max_head, max_header_lines=config.fetch_max_header_lines)
         self.poller = VerificationPoller(self.store, self.apps, self.clock, config.node, self._check,

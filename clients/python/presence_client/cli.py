@@ -31,7 +31,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     paired = sub.add_parser("pair", help="pair this machine with a person's account (shows a code to enter at /me/pair)")
     paired.add_argument("--url", required=True, help="the node's web URL, e.g. http://node:8080")
-    paired.add_argument("--ws", help="the node's websocket URL (default: the web URL's host, next port)")
+    paired.add_argument("--ws", help="the node's websocket URL (default: the one the node names, its --public-ws-url)")
     paired.add_argument("--name", help="the name the person sees (default: this machine's host name)")
     paired.add_argument("--state", required=True, type=Path, help="where to keep the key and certificate (mode 0600)")
     run = sub.add_parser("run", help="keep this machine reported until SIGINT/SIGTERM")

@@ -44,8 +44,15 @@ def show_code(code: PairingCode) -> None:
         print(f"(or open {code.verification_uri_complete})", flush=True)
 
 
+def websocket_base(url: str | None) -> str | None:
+    """The websocket URL the node's answer gives (``.../presence``), as the base the client adds
+    ``/presence`` to."""
+    return url.removesuffix("/presence") if url else None
+
+
 def audience_of(code: PairingCode) -> str:
-    """The node's public URL, which assertions must name: the verification URI without `/me/pair`."""
+    """The node's public URL, which assertions must name, for a node whose answer does not say it:
+    the verification URI without `/me/pair`."""
     return code.verification_uri.split("?", 1)[0].removesuffix("/me/pair")
 
 
@@ -108,8 +115,8 @@ async def pair(http_url: str, name: str | None = None, ws_url: str | None = None
     approved = await wait_for_approval(http_url, code, sleep)
     return Credentials(email=approved["email"], device=approved.get("device") or name or "device",
                        certificate=approved["certificate"], key_pem=jws.key_to_pem(key),
-                       audience=audience_of(code), http_url=http_url.rstrip("/"),
-                       ws_url=(ws_url or derive_ws_url(http_url)).rstrip("/"),
+                       audience=approved.get("audience") or audience_of(code), http_url=http_url.rstrip("/"),
+                       ws_url=(ws_url or websocket_base(approved.get("websocket")) or derive_ws_url(http_url)).rstrip("/"),
                        pairing=approved.get("pairing"), expires=approved.get("expires"))
 
 
