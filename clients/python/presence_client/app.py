@@ -24,7 +24,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from presence_client.backoff import Backoff
-from presence_client.connection import Answers, as_list, open_websocket
+from presence_client.connection import END as _END, MAX_QUEUE, Answers, as_list, open_websocket, end
 from presence_client.errors import RequestError, Stopped, stop_error
 from presence_client.http import request_json
 from presence_client.state import AppState, Change, Person
@@ -33,7 +33,6 @@ log = logging.getLogger("presence_client.app")
 
 # errno of a refused key message: the node closes right after with 4002-4004 (docs/protocol.md).
 FATAL_AUTH_ERRNOS = {3, 30, 31, 32, 33}
-_END = object()
 
 OnChange = Callable[[Change], Awaitable[None] | None]
 
@@ -124,7 +123,7 @@ class PresenceApp:
         first state's people, live changes, replays, and what a resync corrects. Ends after close();
         raises Stopped when the node refuses the application."""
         if self._queue is None:
-            self._queue = asyncio.Queue()
+            self._queue = asyncio.Queue(MAX_QUEUE)
         self.start()
         return self._iterate(self._queue)
 
@@ -157,7 +156,7 @@ class PresenceApp:
         finally:
             self._closing = True
             if self._queue is not None:
-                self._queue.put_nowait(_END)
+                end(self._queue)
 
     async def _connection(self) -> None:
         ws = await open_websocket(self.url)
@@ -210,7 +209,9 @@ class PresenceApp:
     async def _emit(self, changes: list[Change]) -> None:
         for change in changes:
             if self._queue is not None:
-                self._queue.put_nowait(change)
+                # A program that stops reading stops this reader too: the node then holds the
+                # changes (and closes a reader too slow, 4005), and the client resumes with since.
+                await self._queue.put(change)
             if self.on_change is not None:
                 result = self.on_change(change)
                 if inspect.isawaitable(result):

@@ -15,6 +15,16 @@ from typing import Any, Sequence
 from websockets.asyncio.client import ClientConnection, connect
 
 OPEN_TIMEOUT = 10.0
+MAX_QUEUE = 10_000   # items an iterator's queue holds for a program that reads them
+END = object()       # the end of an iterator's queue
+
+
+def end(queue: asyncio.Queue[Any]) -> None:
+    """Put END on an iterator's queue, even a full one (its reader takes what is there first)."""
+    try:
+        queue.put_nowait(END)
+    except asyncio.QueueFull:
+        asyncio.ensure_future(queue.put(END))
 
 
 def as_list(urls: str | Sequence[str]) -> list[str]:

@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from presence_client import pairing
 from presence_client.backoff import Backoff
-from presence_client.connection import Answers, open_websocket
+from presence_client.connection import END as _END, MAX_QUEUE, Answers, open_websocket, end
 from presence_client.credentials import Credentials
 from presence_client.errors import ERRNO_REVOKED, RequestError, Revoked, Stopped, stop_error
 from presence_client.idle import IdleHook, IdleWatcher
@@ -34,7 +34,7 @@ STATUSES = ("online", "unavailable", "offline")
 # errno of a refused connect that no retry fixes: the assertion is malformed, expired, for another
 # audience, from an issuer that may not vouch, or does not verify (15, fetching, is worth a retry).
 FATAL_CONNECT_ERRNOS = {10, 11, 12, 13, 14}
-_END = object()
+MAX_SEEN = 10_000   # notification ids remembered, so one delivered twice is shown once
 
 OnNotification = Callable[[dict[str, Any]], Any]
 
@@ -59,7 +59,7 @@ class PresenceDevice:
         self.error: BaseException | None = None
         self._ws: Any = None
         self._answers = Answers()
-        self._seen: set[int] = set()
+        self._seen: dict[int, None] = {}   # the latest MAX_SEEN ids, oldest first
         self._queue: asyncio.Queue[Any] | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -122,7 +122,7 @@ class PresenceDevice:
             self._closing = True
             renewer.cancel()
             if self._queue is not None:
-                self._queue.put_nowait(_END)
+                end(self._queue)
 
     async def close(self, offline: bool = True) -> None:
         """Report `offline` (unless told not to) and close; the loop ends."""
@@ -241,7 +241,7 @@ class PresenceDevice:
     async def notifications(self) -> AsyncIterator[dict[str, Any]]:
         """Every new notification (an id shown once, although the node may deliver it twice)."""
         if self._queue is None:
-            self._queue = asyncio.Queue()
+            self._queue = asyncio.Queue(MAX_QUEUE)
         self.start()
         while (item := await self._queue.get()) is not _END:
             yield item
@@ -252,14 +252,22 @@ class PresenceDevice:
         for item in items:
             if item.get("id") in self._seen:
                 continue
-            self._seen.add(item.get("id"))
+            if self._queue is not None and self._queue.full():
+                # Nobody reads them: left unacknowledged on the node, which gives them again on
+                # the next connection, rather than held here without bound.
+                log.warning("%d notifications wait unread; notification %s left on the node",
+                            self._queue.qsize(), item.get("id"))
+                continue
+            self._seen[item.get("id")] = None
+            if len(self._seen) > MAX_SEEN:
+                del self._seen[next(iter(self._seen))]
             if self._queue is not None:
                 self._queue.put_nowait(item)
             if self.on_notification is not None:
                 result = self.on_notification(item)
                 if inspect.isawaitable(result):   # never awaited here: it could wait for an answer we read
                     asyncio.ensure_future(result)
-        ids = [item["id"] for item in items if isinstance(item.get("id"), int)]
+        ids = [item["id"] for item in items if isinstance(item.get("id"), int) and item["id"] in self._seen]
         if self.auto_ack and ids:
             self._send_ack(ids)
 
