@@ -206,3 +206,50 @@ async def test_a_notification_posted_on_one_node_reaches_a_device_on_another(clu
     assert response.code == 200 and (await response.json())[0]["result"] == "OK"
     received = await phone.receive(timeout=10)
     assert [n["message"] for n in received["notifications"]] == ["from node a"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_device_revoked_on_one_node_s_page_is_closed_on_another_and_refused_there(cluster):
+    import json
+
+    import treq
+
+    from presence import errors
+    from presence.identity import jws, make_assertion, new_user_key
+    from tests.webnode import Browser
+
+    async def post(node: str, path: str, body: dict) -> tuple[int, dict]:
+        response = await treq.post(f"http://127.0.0.1:{cluster.nodes[node].web}{path}", data=json.dumps(body).encode(),
+                                   headers={"content-type": ["application/json"]})
+        return response.code, json.loads(await treq.content(response))
+
+    class Pages:   # what tests.webnode.Browser needs of node a
+        public_url = f"http://127.0.0.1:{cluster.nodes['a'].web}"
+
+    person = Browser(Pages())
+    await person.get("/login")
+    signed_in = await person.post_json("/login/assertion", {"assertion": cluster.idp.assertion("alice@example.com",
+                                                                                              AUDIENCE)})
+    assert signed_in.code == 200, signed_in.text
+    await person.get("/")
+
+    key = new_user_key()
+    _, started = await post("a", "/pair", {"publicKey": jws.public_key_to_json(key.public_key(), "browserid")})
+    shown = await person.post("/me/pair", {"code": started["user_code"], "decision": "approve", "name": "desk"})
+    assert shown.location == "/me?done=paired", shown.text
+    code, taken = await post("a", "/pair/token", {"device_code": started["device_code"]})
+    assert code == 200, taken
+
+    async def connect() -> tuple[WSClient, dict]:
+        client = await WSClient.connect(cluster.nodes["b"].ws, "/presence")
+        client.send({"type": "connect", "assertion": make_assertion(taken["certificate"], key, AUDIENCE,
+                                                                    reactor.seconds())})
+        return client, await client.receive()
+
+    desk, answer = await connect()                       # on node b
+    assert answer["result"] is True, answer
+    revoked = await person.post("/me/unpair", {"id": taken["pairing"]})   # on node a's page
+    assert revoked.location == "/me?done=unpaired"
+    assert await desk.closed.addTimeout(10, reactor) == errors.CLOSE_DEVICE_REVOKED   # heard through the log
+    again, answer = await connect()
+    assert answer["errno"] == errors.PAIRING_REVOKED and await again.closed == errors.CLOSE_AUTH_FAILED
