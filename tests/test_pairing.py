@@ -10,6 +10,7 @@ import json
 import pytest
 import pytest_twisted
 import treq
+from twisted.internet import reactor
 
 from presence import errors
 from presence.identity import jws, make_assertion, new_user_key
@@ -156,10 +157,10 @@ async def test_a_device_pairs_through_the_person_s_page_connects_renews_and_is_r
     # 6. revoked on /me: the live connection closes with 4007; connect and renewal are refused
     revoked = await person.post("/me/unpair", {"id": taken["pairing"]})
     assert revoked.code == 303 and revoked.location == "/me?done=unpaired"
-    assert await device.closed == errors.CLOSE_DEVICE_REVOKED
+    assert await device.closed.addTimeout(10, reactor) == errors.CLOSE_DEVICE_REVOKED
     again, answer = await connect(live, renewed["certificate"])
     assert answer["errno"] == errors.PAIRING_REVOKED, answer
-    assert await again.closed == errors.CLOSE_AUTH_FAILED
+    assert await again.closed.addTimeout(10, reactor) == errors.CLOSE_AUTH_FAILED
     code, refused = await post(live, "/pair/renew", {"assertion": make_assertion(
         renewed["certificate"], KEY, live.public_url, live.clock.seconds())})
     assert (code, refused["error"]) == (403, "revoked")
