@@ -17,6 +17,7 @@ idp.py (signing in), developer.py (/myapps) and people.py (the door hanger and /
 | GET, POST /<appid>/grant | the door hanger |
 | GET /me, POST /me/status, POST /me/revoke | the person's page |
 | GET /me/notifications, POST /me/dismiss | waiting notifications (JSON, polled by the page), dismissing one |
+| GET /device | the browser device: this browser reports the person's status and shows their notifications |
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from presence.verification import VerificationPoller, check_domain, safe_client
 from presence.secrets_at_rest import SecretBox
 from presence.web.common import Problem, arg, local_path, redirect, render, send_json, with_query
 from presence.web.developer import DeveloperPages
+from presence.web.device import DevicePage
 from presence.web.idp import IdentityProvider, load_issuer, load_secret
 from presence.web.people import PeoplePages
 from presence.web.session import Sessions
@@ -84,6 +86,7 @@ class WebSite:
                                     config.login_links_total, config.client_address_header)
         self.developer = DeveloperPages(self)
         self.people = PeoplePages(self)
+        self.device = DevicePage(self)
         self.http = http or safe_client(node.reactor, config.verify_allow_private, connect_timeout=config.verify_timeout,
                                         max_head=config.fetch_max_head, max_header_lines=config.fetch_max_header_lines)
         self.poller = VerificationPoller(self.store, self.apps, self.clock, config.node, self._check,
@@ -304,6 +307,10 @@ class WebSite:
         if action == "dismiss":
             return await self.people.dismiss(request, email)
         return await self.people.revoke(request, email)
+
+    @app.route("/device", methods=["GET"])
+    async def device_page(self, request: Any) -> bytes:
+        return await self.device.page(request)  # signed out too: the page signs this browser in itself
 
     @app.route("/<string:app_id>/grant", methods=["GET"])
     async def door(self, request: Any, app_id: str) -> bytes:
