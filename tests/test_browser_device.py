@@ -33,7 +33,14 @@ from tests.test_twistd import wait_listening
 from tests.webnode import free_port
 from tests.wsclient import WSClient
 
-STATIC = Path(__file__).resolve().parent.parent / "presence" / "web" / "static"
+ROOT = Path(__file__).resolve().parent.parent
+STATIC = ROOT / "presence" / "web" / "static"
+
+
+def example_page() -> str:
+    """The example page of docs/clients.md ("Browser"), as written there."""
+    text = (ROOT / "docs" / "clients.md").read_text()
+    return re.search(r"```html\n(.*?)```", text.split("## Browser", 1)[1], re.S).group(1)
 
 # Runs before the page's own scripts: records notifications, and lets the test hide and show the page.
 INIT_SCRIPT = """
@@ -149,6 +156,22 @@ def wait_acknowledged(page: Any) -> None:
 def wait_state(page: Any, state: str) -> str:
     page.wait_for_function("(s) => presenceDevice.state === s", arg=state)
     return page.get_attribute("#device-state", "data-state")
+
+
+def open_example(page: Any, base: str, ws: str) -> dict[str, Any]:
+    """The docs' example page, on the node's origin, in another tab of the same browser. (Playwright
+    serves it: a response that comes from no address counts as public to Chromium's local network
+    access checks, which would block its websocket to 127.0.0.1 without the permission.)"""
+    page.context.grant_permissions(["notifications", "local-network-access"], origin=base)
+    other = page.context.new_page()
+    other.set_default_timeout(15_000)
+    other.route(re.compile(re.escape(base + "/my-device.html") + r"(\?.*)?$"), lambda route: route.fulfill(
+        status=200, content_type="text/html; charset=utf-8", body=example_page()))
+    other.goto(f"{base}/my-device.html?ws={ws}")
+    other.wait_for_function("() => document.getElementById('status').textContent === 'online'")
+    page.wait_for_function("() => presenceDevice.state === 'replaced'")
+    return {"state": other.text_content("#state"), "replaced": page.get_attribute("#device-state", "data-state"),
+            "take_over": page.locator("#device-take-over").is_visible()}
 
 
 def csp(page: Any, url: str) -> str:
@@ -297,6 +320,12 @@ async def test_a_browser_device_signs_in_reports_its_status_shows_notifications_
         await hears(stream, "unavailable")
         # The notification was shown once, across the reconnection.
         assert len(await browser.run(lambda: page.evaluate("shownNotifications"))) == 1
+
+        # The example page of docs/clients.md, opened in another tab: the same device (one per
+        # browser) connects from there, the /device tab is replaced (close 4000) and stays so.
+        shown = await browser.run(open_example, page, base, f"ws://127.0.0.1:{ws}/presence")
+        assert shown == {"state": "connected", "replaced": "replaced", "take_over": True}
+        await hears(stream, "online")
     finally:
         for stream in streams:
             if stream.protocol is not None:
