@@ -24,8 +24,8 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import deferLater
+from twisted.web.resource import Resource
 from twisted.web.server import Site
-from twisted.web.static import File
 
 from presence.admin import parser, run
 from tests.test_browser import BrowserThread, NodeProcess, pytestmark  # noqa: F401 (the same skip rule)
@@ -62,6 +62,19 @@ INIT_SCRIPT = """
   window.setPageHidden = (value) => { hidden = value; document.dispatchEvent(new Event("visibilitychange")); };
 })();
 """
+
+
+class Module(Resource):
+    """The module alone, as the node serves it (text/javascript), for the helpers' test."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        if request.path != b"/presence-device.js":
+            request.setResponseCode(404)
+            return b""
+        request.setHeader(b"content-type", b"text/javascript; charset=utf-8")
+        return (STATIC / "presence-device.js").read_bytes()
 
 
 async def stopped(node: NodeProcess) -> None:
@@ -174,6 +187,20 @@ def open_example(page: Any, base: str, ws: str) -> dict[str, Any]:
             "take_over": page.locator("#device-take-over").is_visible()}
 
 
+def renew(page: Any) -> dict[str, str]:
+    """Have the node certify a new key with the session of its pages (as with a day's third left)."""
+    return page.evaluate("""async () => {
+      const before = presenceDevice.identity.certificate;
+      const after = (await presenceDevice.renewCertificate()).certificate;
+      const stored = (await (await import('/static/presence-device.js')).usableIdentities())[0].certificate;
+      return {before, after, stored};
+    }""")
+
+
+def certificate_in_use(page: Any) -> str:
+    return page.evaluate("presenceDevice.identity.certificate")
+
+
 def csp(page: Any, url: str) -> str:
     return page.request.get(url).headers["content-security-policy"]
 
@@ -209,7 +236,7 @@ def helpers(browser: Any, base: str) -> dict[str, Any]:
 
 @pytest_twisted.ensureDeferred
 async def test_the_device_modules_helpers_in_chromium():
-    port = reactor.listenTCP(0, Site(File(str(STATIC))), interface="127.0.0.1")
+    port = reactor.listenTCP(0, Site(Module()), interface="127.0.0.1")
     browser = BrowserThread()
     try:
         await browser.start()
@@ -304,6 +331,10 @@ async def test_a_browser_device_signs_in_reports_its_status_shows_notifications_
         await browser.run(wait_acknowledged, page)
         assert await browser.run(waiting_on_node, page) == []
 
+        # The certificate is renewed with the pages' session; the next connection signs with the new key.
+        renewed = await browser.run(renew, page)
+        assert renewed["after"] != renewed["before"] and renewed["stored"] == renewed["after"]
+
         # The node restarts: the device waits, reconnects with a fresh assertion, and reports again.
         await stopped(node)
         assert await browser.run(wait_state, page, "waiting") == "waiting"
@@ -312,6 +343,7 @@ async def test_a_browser_device_signs_in_reports_its_status_shows_notifications_
         await wait_listening(ws, node.process)
         info = await browser.run(wait_status, page, "online", 2)
         assert info["connections"] == 2
+        assert await browser.run(certificate_in_use, page) == renewed["after"]
         stream = await application(sync=True)
         state = await stream.receive()
         assert [(p["email"], p["status"]) for p in state["people"]] == [("alice@example.com", "online")]
