@@ -202,7 +202,10 @@ export class PresenceDevice extends EventTarget {
     this._refused = null;        // the certificate the node refused: not tried again
     this._lastInput = Date.now();  // loading the page counts as input
     this._onInput = () => this._input();
-    this._onVisibility = () => this._update();
+    this._onVisibility = () => {   // coming back to the page is the person's doing: it counts as input
+      if (document.visibilityState === "visible") { this._lastInput = Date.now(); }
+      this._update();
+    };
     this._onOnline = () => { if (this.state === "waiting") { this._connectSoon(0); } };
     this._channel = null;
   }
@@ -463,6 +466,8 @@ export class PresenceDevice extends EventTarget {
           body: note.message, tag: "presence-" + note.id, data: { id: note.id, action: note.action },
         });
         shown.addEventListener("show", ack);
+        // not shown after all (blocked by the system): not acknowledged; it comes again at the next connect
+        shown.addEventListener("error", () => { if (!acked) { this._seen.delete(note.id); } });
         shown.addEventListener("click", () => {
           window.focus();
           if (note.action) { window.open(note.action, "_blank", "noopener,noreferrer"); }
