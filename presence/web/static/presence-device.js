@@ -208,6 +208,8 @@ export class PresenceDevice extends EventTarget {
     };
     this._onOnline = () => { if (this.state === "waiting") { this._connectSoon(0); } };
     this._channel = null;
+    this._tabs = null;
+    this._onPageHide = () => this._gone();
   }
 
   // -- public --------------------------------------------------------------------------------------
@@ -219,7 +221,19 @@ export class PresenceDevice extends EventTarget {
     if (typeof BroadcastChannel !== "undefined") {   // presence-id.js says when a link certified a key
       this._channel = new BroadcastChannel("presence-id");
       this._channel.onmessage = () => { if (this.state === "signed-out") { this._connectSoon(0); } };
+      // Tabs of this browser are one device: the newest connection replaces the older (close 4000);
+      // when the tab that took over goes away, a replaced one takes over again.
+      this._tabs = new BroadcastChannel("presence-device");
+      this._tabs.onmessage = (event) => {
+        const message = event.data || {};
+        if (message.type === "gone" && message.device === this.device && this.state === "replaced") {
+          const delay = backoffDelay(0, this.retryBaseMs, this.retryMaxMs);
+          this._setState("waiting", "the tab that took over was closed", { retryIn: delay });
+          this._connectSoon(delay);
+        }
+      };
     }
+    window.addEventListener("pagehide", this._onPageHide);
     this._lastInput = Date.now();
     this._desired = this._compute();
     this._setState("connecting", "");
@@ -230,7 +244,10 @@ export class PresenceDevice extends EventTarget {
     for (const name of INPUT_EVENTS) { window.removeEventListener(name, this._onInput, { capture: true }); }
     document.removeEventListener("visibilitychange", this._onVisibility);
     window.removeEventListener("online", this._onOnline);
+    window.removeEventListener("pagehide", this._onPageHide);
+    this._gone();
     if (this._channel) { this._channel.close(); this._channel = null; }
+    if (this._tabs) { this._tabs.close(); this._tabs = null; }
     Object.keys(this._timers).forEach((name) => this._clear(name));
     this._setState("stopped", "stopped by the page");
     this._drop(1000);
@@ -247,13 +264,22 @@ export class PresenceDevice extends EventTarget {
   async signIn(email, next = location.pathname) {
     const response = await fetch(this.node + "/login/start", {
       method: "POST", credentials: "same-origin",
-      headers: { "content-type": "application/json", "x-csrf-token": meta("csrf-token") },
+      headers: { "content-type": "application/json", "x-csrf-token": await this._csrfToken() },
       body: JSON.stringify({ email, next }),
     });
     const data = await response.json().catch(() => ({}));
     if (!response.ok) { throw new Error(data.error || `Presence answered HTTP ${response.status}`); }
     this._connectSoon(0);
     return data;
+  }
+
+  /** The CSRF token of the node's pages, fresh (signing in in another tab changes it: the one in
+   *  this page's <meta> may be out of date): read from a small page of the node. */
+  async _csrfToken() {
+    const response = await fetch(this.node + "/login/link", { credentials: "same-origin", cache: "no-store" });
+    const page = new DOMParser().parseFromString(await response.text(), "text/html");
+    const element = page.querySelector('meta[name="csrf-token"]');
+    return element ? element.content : meta("csrf-token");
   }
 
   /** Ask for permission to show notifications (call it from a click: browsers require a gesture). */
@@ -272,7 +298,7 @@ export class PresenceDevice extends EventTarget {
     const jwk = await crypto.subtle.exportKey("jwk", pair.publicKey);
     const response = await fetch(this.node + "/browserid/certify", {
       method: "POST", credentials: "same-origin",
-      headers: { "content-type": "application/json", "x-csrf-token": meta("csrf-token") },
+      headers: { "content-type": "application/json", "x-csrf-token": await this._csrfToken() },
       body: JSON.stringify({ email: identity.email, publicKey: { kty: jwk.kty, n: jwk.n, e: jwk.e },
                              duration: CERT_LIFETIME_MS / 1000 }),
     });
@@ -390,6 +416,10 @@ export class PresenceDevice extends EventTarget {
       this._setState("waiting", reason || `connection closed (${code})`, { retryIn: delay, code });
       this._connectSoon(delay);
     }
+  }
+
+  _gone() {   // this tab stops being the device: another tab of this browser may take over
+    if (this.state === "connected" && this._tabs) { this._tabs.postMessage({ type: "gone", device: this.device }); }
   }
 
   _drop(code) {
