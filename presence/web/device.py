@@ -9,20 +9,30 @@ port, or another host behind a proxy): its policy names that origin in ``connect
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
 from presence.web.common import HEADERS
 
 CSP = HEADERS[b"content-security-policy"].decode()
+HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*\.?")
 
 
 def ws_origin(url: str) -> str:
     """The origin (``ws[s]://host[:port]``) of a websocket URL, for a CSP source expression."""
     parts = urlsplit(url)
-    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+    host = parts.hostname or ""
+    if ":" in host:
+        try:
+            host = f"[{ipaddress.IPv6Address(host)}]"
+        except ValueError:
+            host = ""
+    elif not HOST_NAME.fullmatch(host):   # nothing that could end the source expression (a space, ";")
+        host = ""
+    if parts.scheme not in ("ws", "wss") or not host:
         raise ValueError(f"not a websocket URL: {url!r}")
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
 
 
