@@ -200,6 +200,9 @@ export class PresenceDevice extends EventTarget {
     this._timers = {};
     this._seen = new Set();
     this._refused = null;        // the certificate the node refused: not tried again
+    this._refusal = null;        // the node's KO answer to connect, before it closes
+    this._identityRecord = null; // the IndexedDB record in use (with its private key)
+    this._connecting = false;
     this._lastInput = Date.now();  // loading the page counts as input
     this._onInput = () => this._input();
     this._onVisibility = () => {   // coming back to the page is the person's doing: it counts as input
