@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 from twisted.python import usage
 
 from presence.config import Config
-from presence.public_urls import is_loopback
+from presence.public_urls import is_loopback, unreachable
 
 OK, WARNING, PROBLEM = "OK", "WARNING", "PROBLEM"
 
@@ -111,7 +111,6 @@ def check_urls(config: Config) -> list[Finding]:
         if page.scheme == "https" and urlsplit(config.public_ws_url).scheme == "ws":
             found.append(Finding(WARNING, "--public-ws-url", "ws:// from https pages: browsers block it",
                                  "use wss:// (TLS on the websocket listener or at the load balancer)"))
-    from presence.public_urls import unreachable
 
     for option, problem, fix in unreachable(config):
         found.append(Finding(WARNING, option, problem, fix))

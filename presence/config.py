@@ -85,6 +85,10 @@ class Config:
     login_link_lifetime: float = 900.0
     login_links_per_client: int = 10     # one-time links one client address may ask for per link lifetime
     login_links_total: int = 300         # one-time links this node sends per link lifetime, all clients
+    pair_code_lifetime: float = 600.0    # a device's pairing codes (RFC 8628 device authorization)
+    pair_interval: float = 5.0           # seconds a pairing device waits between polls
+    pairs_per_client: int = 10           # pairing codes one client address may ask for per code lifetime
+    paired_certificate_lifetime: float = 30 * 86400.0   # a paired device's certificate (renewable)
     client_address_header: str = ""      # e.g. X-Forwarded-For behind a balancer (its last value is used)
     smtp_host: str = ""               # empty: one-time links are written to the node's log
     smtp_port: int = 25

@@ -15,6 +15,7 @@ ASSERTION_AUDIENCE = 12
 ASSERTION_ISSUER = 13
 ASSERTION_SIGNATURE = 14
 ASSERTION_UNAVAILABLE = 15  # the issuer's support document could not be fetched
+PAIRING_REVOKED = 16     # a paired device's pairing was revoked on /me (or never existed)
 SLOW_DOWN = 20           # a device sends statuses faster than the node allows
 BAD_KEY = 30
 UNKNOWN_APP = 31
@@ -43,6 +44,7 @@ CLOSE_UNKNOWN_APP = 4003     # no such application
 CLOSE_APP_NOT_READY = 4004   # application not verified or not active
 CLOSE_TOO_SLOW = 4005        # the application does not read fast enough; its changes wait for it
 CLOSE_REVOKED = 4006         # the application was deactivated while connected
+CLOSE_DEVICE_REVOKED = 4007  # the person revoked this paired device on /me
 
 
 class PresenceError(Exception):

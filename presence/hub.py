@@ -27,6 +27,8 @@ from presence.views import visible_to
 log = Logger()
 
 PAGE_DEVICE = "web"
+REVOKED_FOR = 600.0      # seconds a revoked pairing is remembered here (far longer than a connect takes)
+REVOKED_KEPT = 10_000
 
 
 class DeviceConnection(Protocol):
@@ -69,12 +71,22 @@ class Hub:
         self.links: dict[tuple[str, str], Link] = {}
         self.by_email: dict[str, dict[str, Link]] = {}   # the same links, found by person
         self._changes = Grouped(self._commit, max_batch=500)
+        # Pairings revoked lately (id -> when): a connect that checked its pairing just before the
+        # revocation reached this node is refused when it attaches, not left open.
+        self.revoked: dict[str, float] = {}
+        # The pairing of each paired device's link here (presence.pairing), kept beside the links
+        # so that the many devices that are not paired pay nothing for it.
+        self.pairings: dict[tuple[str, str], str] = {}
 
     # -- devices ----------------------------------------------------------------------------------
     async def attach(self, email: str, device_id: str, scope: frozenset[str] | None,
-                     connection: DeviceConnection) -> Link:
+                     connection: DeviceConnection, pairing: str = "") -> Link:
         """A device proved its owner's email. The same device connecting again (here or on another
-        node) replaces its older connection and keeps its status, so a quick reconnect causes no flap."""
+        node) replaces its older connection and keeps its status, so a quick reconnect causes no flap.
+        A paired device's pairing was checked in the store before; one revoked since is refused here."""
+        if pairing and pairing in self.revoked:
+            raise errors.PresenceError(errors.PAIRING_REVOKED, "this device's pairing was revoked; pair it again",
+                                       errors.CLOSE_AUTH_FAILED)
         key = (email, device_id)
         old = self.links.get(key)
         if old is not None:
@@ -82,6 +94,10 @@ class Hub:
             if old.connection is not None and old.connection is not connection:
                 old.connection.close(errors.CLOSE_REPLACED, "replaced by a newer connection of the same device")
         link = self.links[key] = Link(email, device_id, new_id(), connection)
+        if pairing:
+            self.pairings[key] = pairing
+        elif self.pairings:
+            self.pairings.pop(key, None)
         if old is not None:
             link.replaced = old.session     # until this connect is written, the row may still be the old one's
         self.by_email.setdefault(email, {})[device_id] = link
@@ -147,12 +163,31 @@ class Hub:
         await self.store.log_change(self.node, self.clock.seconds(),
                                     changelog.encode([], extras=[{"close_app": [app_id, code, reason]}]))
 
+    async def close_pairing(self, email: str, pairing: str) -> None:
+        """A paired device was revoked (its row is gone): close its connection on every node."""
+        self._close_pairing(email, pairing)
+        await self.store.log_change(self.node, self.clock.seconds(),
+                                    changelog.encode([], extras=[{"close_pairing": [email, pairing]}]))
+
+    def _close_pairing(self, email: str, pairing: str) -> None:
+        now = self.clock.seconds()
+        self.revoked[pairing] = now
+        while self.revoked and (len(self.revoked) > REVOKED_KEPT or next(iter(self.revoked.values())) < now - REVOKED_FOR):
+            del self.revoked[next(iter(self.revoked))]
+        for link in list(self.by_email.get(email, {}).values()):
+            if self.pairings.get((email, link.device)) == pairing and link.connection is not None:
+                link.connection.close(errors.CLOSE_DEVICE_REVOKED, "this device was revoked on /me")
+
     def detach(self, link: Link, connection: DeviceConnection) -> None:
         """The connection dropped: the device counts as it was for ``grace`` seconds, then goes offline."""
         if link.connection is not connection or self.links.get((link.email, link.device)) is not link:
             return  # already replaced by a newer connection
         link.connection = None
         link.grace = self.clock.callLater(self.grace, self._expire, link)
+        pairing = self.pairings.get((link.email, link.device))
+        if pairing:   # when it was last seen, for /me (a failure only leaves it older)
+            ensureDeferred(self.store.touch_paired_device(pairing, link.email, self.clock.seconds())) \
+                .addErrback(lambda f: None)
 
     def _expire(self, link: Link) -> None:
         link.grace = None
@@ -184,6 +219,8 @@ class Hub:
             del devices[link.device]
             if not devices:
                 del self.by_email[link.email]
+            if self.pairings:
+                self.pairings.pop((link.email, link.device), None)
 
     def notify(self, email: str, notifications: list[dict]) -> int:
         """Push live notifications to the person's devices connected here; returns how many got them."""
@@ -234,6 +271,8 @@ class Hub:
                 self.notify(email, notes)
             if "close_app" in extra:
                 self.streams.close_app(*extra["close_app"])
+            if "close_pairing" in extra:
+                self._close_pairing(*extra["close_pairing"])
             takeover = extra.get("takeover")
             if takeover:
                 email, device_id, session = takeover
@@ -267,6 +306,7 @@ class Hub:
             link.connection = None
         self.links.clear()
         self.by_email.clear()
+        self.pairings.clear()
         try:
             await self.clear_node(self.node)
         except StoreUnavailable as e:

@@ -19,6 +19,7 @@ from presence.apps import Applications
 from presence.bus import ChangeFeed
 from presence.cluster import Cluster
 from presence.hub import Hub
+from presence.identity import Identity
 from presence.notifications import Notifier
 from presence.store import Device, NodeFenced, StoreUnavailable, open_store
 from presence.streams import Streams
@@ -577,7 +578,7 @@ async def test_a_device_whose_waiting_notifications_cannot_be_read_after_ok_is_c
 
     class Verifier:
         async def verify(self, assertion):
-            return SimpleNamespace(email="alice@example.com")
+            return Identity("alice@example.com", "example.com", 0.0)
 
     store = open_store(database_url)
     await store.open()

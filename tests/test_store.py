@@ -317,11 +317,12 @@ async def test_failed_real_upgrade_leaves_a_v1_database_usable_at_version_1(data
 @pytest_twisted.ensureDeferred
 async def test_newer_schema_is_refused(database_url):
     s = await reopen(database_url)
-    await s._execute("UPDATE schema_version SET version = 7")
+    await s._execute("UPDATE schema_version SET version = ?", (LATEST + 1,))
     await s.close()
     s = open_store(database_url)
     try:
-        with pytest.raises(StoreUnavailable, match=f"version 7 but this Presence only knows up to version {LATEST}"):
+        with pytest.raises(StoreUnavailable,
+                           match=f"version {LATEST + 1} but this Presence only knows up to version {LATEST}"):
             await s.open()
     finally:
         await s.close()

@@ -20,6 +20,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 
 from presence import errors
+from presence.identity import Identity
 from presence.errors import PresenceError
 from presence.metrics import Metrics
 from presence.ws import frames
@@ -101,7 +102,7 @@ def test_the_frame_parser_returns_frames_or_a_documented_violation(data, limit):
 class FakeVerifier:
     async def verify(self, assertion):
         if assertion == "good~assertion":
-            return SimpleNamespace(email="Alice@Example.com")
+            return Identity("Alice@Example.com", "example.com", 0.0)
         raise PresenceError(errors.ASSERTION_MALFORMED, "the assertion is malformed")
 
 
@@ -109,7 +110,7 @@ class FakeHub:
     def __init__(self):
         self.attached = []
 
-    async def attach(self, email, device, scope, connection):
+    async def attach(self, email, device, scope, connection, pairing=""):
         link = SimpleNamespace(email=email, device=device)
         self.attached.append(link)
         return link

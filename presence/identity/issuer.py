@@ -57,8 +57,10 @@ class Issuer:
         now: float,
         lifetime: float = CERT_LIFETIME,
         key_format: str | None = None,
+        claims: dict[str, Any] | None = None,
     ) -> str:
-        """A certificate saying that the holder of `public_key` owns `email`, from `now` (seconds)."""
+        """A certificate saying that the holder of `public_key` owns `email`, from `now` (seconds);
+        `claims` are added to its payload (a paired device's ``presence-pairing``)."""
         if not isinstance(public_key, dict):
             public_key = jws.public_key_to_json(public_key, key_format or self.key_format)
         payload = {
@@ -67,6 +69,7 @@ class Issuer:
             "exp": _ms(now + lifetime),
             "public-key": public_key,
             "principal": {"email": email},
+            **(claims or {}),
         }
         return jws.sign(payload, self.private_key)
 

@@ -48,6 +48,7 @@ class Identity:
     email: str
     issuer: str
     expires_at: float
+    pairing: str = ""   # the paired device a certificate of Presence's own issuer names (presence.pairing)
 
 
 def normalize_origin(url: str) -> str | None:
@@ -117,6 +118,7 @@ class Verifier:
         skew: float = SKEW,
         max_assertion_lifetime: float = MAX_ASSERTION_LIFETIME,
         max_certificate_lifetime: float = MAX_CERTIFICATE_LIFETIME,
+        max_paired_lifetime: float = 0.0,
     ):
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
@@ -126,6 +128,8 @@ class Verifier:
         self.skew = skew
         self.max_assertion_lifetime = max_assertion_lifetime
         self.max_certificate_lifetime = max_certificate_lifetime
+        # Paired devices' certificates (Presence's own issuer, naming a pairing) may last this long.
+        self.max_paired_lifetime = max_paired_lifetime
         self.audiences: dict[str, str] = {}
         for audience in audiences:
             origin = normalize_origin(audience)
@@ -176,6 +180,7 @@ class Verifier:
             skew=config.clock_skew,
             max_assertion_lifetime=config.max_assertion_lifetime,
             max_certificate_lifetime=config.max_certificate_lifetime,
+            max_paired_lifetime=config.paired_certificate_lifetime,
         )
 
     async def verify(self, assertion: str) -> Identity:
@@ -243,10 +248,16 @@ class Verifier:
                 errors.ASSERTION_EXPIRED,
                 f"assertion issued in the future ({_when(iat)}, now {_when(now_ms)}): check clocks",
             )
-        if cert_exp - skew_ms > now_ms + self.max_certificate_lifetime * 1000:
+        # A pairing is named only by an issuer whose key this node holds (its own): a long-lived
+        # certificate that Presence can revoke, so it may last longer than any other.
+        pairing = c.get("presence-pairing") if issuer in self.local_issuers else None
+        pairing = pairing if isinstance(pairing, str) and 0 < len(pairing) <= 64 else ""
+        lifetime = max(self.max_certificate_lifetime, self.max_paired_lifetime) if pairing \
+            else self.max_certificate_lifetime
+        if cert_exp - skew_ms > now_ms + lifetime * 1000:
             raise IdentityError(
                 errors.ASSERTION_EXPIRED,
-                f"certificate expires at {_when(cert_exp)}, more than {self.max_certificate_lifetime:g} s from now"
+                f"certificate expires at {_when(cert_exp)}, more than {lifetime:g} s from now"
                 f" ({_when(now_ms)}): certificates may last at most that long",
             )
         if exp - skew_ms > now_ms + self.max_assertion_lifetime * 1000:
@@ -274,7 +285,7 @@ class Verifier:
             if len(self._verified_certs) >= self.max_verified_certs:
                 del self._verified_certs[next(iter(self._verified_certs))]   # the oldest
             self._verified_certs[digest] = key
-        return Identity(email, issuer, cert_exp / 1000)
+        return Identity(email, issuer, cert_exp / 1000, pairing)
 
     async def _check_trust(self, issuer: str, domain: str) -> None:
         """Raise ASSERTION_ISSUER unless `issuer` may certify addresses at `domain`."""

@@ -171,6 +171,35 @@ class Reaped:
 
 
 @dataclass(frozen=True)
+class PairingRequest:
+    """A device's pairing request as the person's page shows it."""
+
+    name: str                    # the name the device suggested
+    created_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class PairedDevice:
+    """A device paired through /pair: named in its certificate, listed on /me, revoked by deleting it."""
+
+    id: str
+    email: str
+    name: str
+    public_key: str              # JSON, BrowserID's form
+    created_at: float
+    last_seen: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class PairingAnswer:
+    """A pairing device's poll: RFC 8628's error code, or "approved" with its paired device."""
+
+    state: str
+    device: PairedDevice | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class LoginLink:
     """A one-time login link, as taken (once) from the store."""
 
@@ -386,6 +415,30 @@ class Store(Protocol):
 
     async def count_login_tokens(self, email: str, since: float) -> int:
         """Links made for an address since ``since`` (used or not expired yet): a rate limit."""
+
+    # -- pairing devices without a browser (presence.pairing) ---------------------------------------
+    async def add_pairing_request(self, device_hash: str, user_hash: str, public_key: str, name: str,
+                                  now: float, expires_at: float) -> None:
+        """Keep a pending pairing request (by the hashes of its codes)."""
+
+    async def get_pairing_request(self, user_hash: str, now: float) -> PairingRequest | None:
+        """The pending, unexpired request with this user code hash."""
+
+    async def decide_pairing(self, user_hash: str, now: float, email: str, name: str | None,
+                             pairing_id: str) -> str:
+        """Approve (a ``name``) or deny (None) a pending request once: "approved", "denied", "taken"
+        or "gone"."""
+
+    async def poll_pairing(self, device_hash: str, now: float, interval: float) -> PairingAnswer:
+        """A device's poll; a decided request's answer is taken once."""
+
+    async def touch_paired_device(self, pairing_id: str, email: str, now: float) -> PairedDevice | None:
+        """Note the device seen now; None if it is not paired (revoked)."""
+
+    async def list_paired_devices(self, email: str) -> list[PairedDevice]: ...
+
+    async def revoke_paired_device(self, email: str, pairing_id: str) -> PairedDevice | None:
+        """Delete the paired device; None if it was not the person's."""
 
     async def add_session(self, id_hash: str, email: str, now: float, expires_at: float) -> None: ...
 

@@ -29,12 +29,13 @@ from presence.store.rows import (  # noqa: F401 (Script, Interaction and PENDING
 )
 from presence.store.sql_changes import ChangeQueries
 from presence.store.sql_notifications import NotificationQueries
+from presence.store.sql_pairing import PairingQueries
 from presence.store.sql_people import PeopleQueries
 from presence.store.sql_web import WebQueries
 from presence.store.base import ACTIVE, PENDING, VERIFIED, App, Grant, Notification, PendingUpdate, Queued
 
 
-class SQLStore(ChangeQueries, NotificationQueries, PeopleQueries, WebQueries):
+class SQLStore(ChangeQueries, NotificationQueries, PairingQueries, PeopleQueries, WebQueries):
     """The Store interface on top of the backend primitives (see the module docstring)."""
 
     #: Names the directory of schema scripts (presence/store/schema/<dialect>/).

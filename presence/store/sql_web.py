@@ -61,7 +61,10 @@ class WebQueries:
         def interaction():
             sessions = yield "DELETE FROM web_sessions WHERE expires_at <= ? RETURNING 1", (now,)
             links = yield "DELETE FROM login_tokens WHERE expires_at <= ? RETURNING 1", (now,)
-            return len(sessions) + len(links)
+            # requests past their lifetime, decided or not (an approved one the device never took: its
+            # paired device stays listed on /me, to revoke)
+            pairings = yield ("DELETE FROM pairing_requests WHERE expires_at <= ? RETURNING 1", (now,))
+            return len(sessions) + len(links) + len(pairings)
 
         return await self._transaction(interaction())
 

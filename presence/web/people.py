@@ -30,6 +30,10 @@ DONE = {
     "none": "That application had no access to revoke.",
     "dismissed": "Dismissed: that notification is gone, and no device of yours will receive it again.",
     "gone": "That notification was already gone (dismissed, acknowledged by a device, or expired).",
+    "paired": "Paired: the device takes its certificate within a few seconds and reports your status from then on.",
+    "denied": "Denied: that device was not paired.",
+    "unpaired": "Revoked: that device can no longer report your status, and its connection was closed.",
+    "nodevice": "That device was not paired (already revoked?).",
 }
 
 
@@ -130,10 +134,11 @@ class PeoplePages:
             if app is not None:
                 grants.append({"app": app, "since": when(grant.created_at), "uid": grant.uid})
         page = next((d["status"] for d in devices if d["name"] == "this page"), None)
+        paired = await self.site.pairing.devices(email, {d["name"] for d in devices})
         notes = [notification_view(n) for n in await self.site.node.notifier.waiting(email)]
         return await self.site.page(request, "me.html", code=code, status=status.status if status else "offline",
                                     page_status=page, devices=devices, grants=grants, statuses=STATUSES,
-                                    notifications=notes, problem=problem, done=DONE.get(arg(request, "done")))
+                                    notifications=notes, paired=paired, problem=problem, done=DONE.get(arg(request, "done")))
 
     async def notifications(self, request: Any) -> bytes:
         """GET /me/notifications: the waiting notifications as JSON, for the page's script to poll."""

@@ -17,6 +17,8 @@ idp.py (signing in), developer.py (/myapps) and people.py (the door hanger and /
 | GET, POST /<appid>/grant | the door hanger |
 | GET /me, POST /me/status, POST /me/revoke | the person's page |
 | GET /me/notifications, POST /me/dismiss | waiting notifications (JSON, polled by the page), dismissing one |
+| POST /pair, /pair/token, /pair/renew | a device without a browser pairs (pairing.py, JSON, RFC 8628's manner) |
+| GET, POST /me/pair, POST /me/unpair | the person approves a device's code; revokes a paired device |
 | GET /device | the browser device: this browser reports the person's status and shows their notifications |
 """
 
@@ -41,6 +43,8 @@ from presence.web.common import Problem, arg, local_path, redirect, render, send
 from presence.web.developer import DeveloperPages
 from presence.web.device import DevicePage
 from presence.web.idp import IdentityProvider, load_issuer, load_secret
+from presence.pairing import Pairing, PairingOptions
+from presence.web.pairing import PairingPages
 from presence.web.people import PeoplePages
 from presence.web.session import Sessions
 from presence.web.templates import environment
@@ -87,6 +91,9 @@ class WebSite:
         self.developer = DeveloperPages(self)
         self.people = PeoplePages(self)
         self.device = DevicePage(self)
+        self.pairing = PairingPages(self, Pairing(self.store, issuer, self.clock, self.public_url,
+                                                  PairingOptions.from_config(config),
+                                                  websocket=config.public_ws_url.rstrip("/") + "/presence"))
         self.http = http or safe_client(node.reactor, config.verify_allow_private, connect_timeout=config.verify_timeout,
                                         max_head=config.fetch_max_head, max_header_lines=config.fetch_max_header_lines)
         self.poller = VerificationPoller(self.store, self.apps, self.clock, config.node, self._check,
@@ -292,11 +299,26 @@ class WebSite:
             return self.to_login(request)
         return await self.people.me(request, email)
 
+    @app.route("/me/pair", methods=["GET"])
+    async def me_pair(self, request: Any) -> bytes:
+        email = await self._signed_in(request)
+        if email is None:
+            return self.to_login(request)
+        return await self.pairing.page(request, email)
+
+    @app.route("/pair", methods=["POST"])
+    async def pair(self, request: Any) -> bytes:
+        return await self.pairing.start(request)
+
+    @app.route("/pair/<any(token,renew):step>", methods=["POST"])
+    async def pair_step(self, request: Any, step: str) -> bytes:
+        return await (self.pairing.token(request) if step == "token" else self.pairing.renew(request))
+
     @app.route("/me/notifications", methods=["GET"])
     async def me_notifications(self, request: Any) -> bytes:
         return await self.people.notifications(request)
 
-    @app.route("/me/<any(status,revoke,dismiss):action>", methods=["POST"])
+    @app.route("/me/<any(status,revoke,dismiss,pair,unpair):action>", methods=["POST"])
     async def me_action(self, request: Any, action: str) -> bytes:
         self._guard(request)
         email = await self._signed_in(request)
@@ -306,6 +328,10 @@ class WebSite:
             return await self.people.set_status(request, email)
         if action == "dismiss":
             return await self.people.dismiss(request, email)
+        if action == "pair":
+            return await self.pairing.decide(request, email)
+        if action == "unpair":
+            return await self.pairing.revoke(request, email)
         return await self.people.revoke(request, email)
 
     @app.route("/device", methods=["GET"])

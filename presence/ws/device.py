@@ -60,10 +60,21 @@ class DeviceSession(Session):
             raise PresenceError(e.errno, e.message, errors.CLOSE_AUTH_FAILED)
         if self.closed:
             return None
-        self.authenticated()
         email = identity.email.lower()
+        if identity.pairing:
+            # A paired device: refused once the person revoked it (presence.pairing); seen now.
+            paired = await self.hub.store.touch_paired_device(identity.pairing, email, self.clock.seconds())
+            if paired is None:
+                e = PresenceError(errors.PAIRING_REVOKED, "this device's pairing was revoked on /me; pair it again",
+                                  errors.CLOSE_AUTH_FAILED)
+                self.refused(e)
+                raise e
+            device_id = device_id or paired.name
+        if self.closed:
+            return None
+        self.authenticated()
         self.session_id = new_id()
-        link = await self.hub.attach(email, device_id or "session:" + self.session_id, scope, self)
+        link = await self.hub.attach(email, device_id or "session:" + self.session_id, scope, self, identity.pairing)
         if self.closed:  # the connection went away (or was replaced) while we attached
             self.hub.detach(link, self)
             return None
