@@ -19,6 +19,7 @@ idp.py (signing in), developer.py (/myapps) and people.py (the door hanger and /
 | GET /me/notifications, POST /me/dismiss | waiting notifications (JSON, polled by the page), dismissing one |
 | POST /pair, /pair/token, /pair/renew | a device without a browser pairs (pairing.py, JSON, RFC 8628's manner) |
 | GET, POST /me/pair, POST /me/unpair | the person approves a device's code; revokes a paired device |
+| GET /device | the browser device: this browser reports the person's status and shows their notifications |
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from presence.verification import VerificationPoller, check_domain, safe_client
 from presence.secrets_at_rest import SecretBox
 from presence.web.common import Problem, arg, local_path, redirect, render, send_json, with_query
 from presence.web.developer import DeveloperPages
+from presence.web.device import DevicePage
 from presence.web.idp import IdentityProvider, load_issuer, load_secret
 from presence.pairing import Pairing, PairingOptions
 from presence.web.pairing import PairingPages
@@ -88,6 +90,7 @@ class WebSite:
                                     config.login_links_total, config.client_address_header)
         self.developer = DeveloperPages(self)
         self.people = PeoplePages(self)
+        self.device = DevicePage(self)
         self.pairing = PairingPages(self, Pairing(self.store, issuer, self.clock, self.public_url,
                                                   PairingOptions.from_config(config),
                                                   websocket=config.public_ws_url.rstrip("/") + "/presence"))
@@ -330,6 +333,10 @@ class WebSite:
         if action == "unpair":
             return await self.pairing.revoke(request, email)
         return await self.people.revoke(request, email)
+
+    @app.route("/device", methods=["GET"])
+    async def device_page(self, request: Any) -> bytes:
+        return await self.device.page(request)  # signed out too: the page signs this browser in itself
 
     @app.route("/<string:app_id>/grant", methods=["GET"])
     async def door(self, request: Any, app_id: str) -> bytes:

@@ -209,7 +209,15 @@
         }).then(function (data) {
           var identity = { email: data.email, certificate: data.certificate, expires: data.expires,
                            privateKey: pair.privateKey };
-          return withStore("readwrite", function (store) { store.put(identity); }).then(function () { return data; });
+          return withStore("readwrite", function (store) { store.put(identity); }).then(function () {
+            // a browser device waiting in another tab of this origin (presence-device.js) connects now
+            if (typeof BroadcastChannel !== "undefined") {
+              var channel = new BroadcastChannel("presence-id");
+              channel.postMessage({ type: "certified", email: data.email });
+              channel.close();
+            }
+            return data;
+          });
         });
       });
     }
