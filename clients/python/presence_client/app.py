@@ -24,8 +24,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from presence_client.backoff import Backoff
-from presence_client.connection import END as _END, MAX_QUEUE, Answers, as_list, open_websocket, end
-from presence_client.errors import RequestError, Stopped, stop_error
+from presence_client.connection import END as _END, MAX_QUEUE, Answers, as_list, open_websocket, end, hang_up, raise_if_final
+from presence_client.errors import RequestError, Stopped
 from presence_client.http import request_json
 from presence_client.state import AppState, Change, Person
 
@@ -181,11 +181,8 @@ class PresenceApp:
             self.connected.clear()
             self.synced.clear()
             self.backoff.disconnected()
-            self._answers.fail(ConnectionError("the connection to the node was lost"))
-            await ws.close()
-        fatal = stop_error(ws.close_code, ws.close_reason or "")
-        if fatal is not None:
-            raise fatal
+            await hang_up(ws, self._answers)
+        raise_if_final(ws)
         log.info("connection to %s closed: %s %s", self.url, ws.close_code, ws.close_reason)
 
     async def _handle(self, message: Any) -> None:

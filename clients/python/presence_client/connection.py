@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 from websockets.asyncio.client import ClientConnection, connect
 
+from presence_client.errors import stop_error
+
 OPEN_TIMEOUT = 10.0
 MAX_QUEUE = 10_000   # items an iterator's queue holds for a program that reads them
 END = object()       # the end of an iterator's queue
@@ -67,3 +69,16 @@ class Answers:
             future = self._waiting.popleft()
             if not future.done():
                 future.set_exception(error)
+
+
+async def hang_up(ws: ClientConnection, answers: Answers) -> None:
+    """A connection ended: what waited for an answer fails, and the socket closes."""
+    answers.fail(ConnectionError("the connection to the node was lost"))
+    await ws.close()
+
+
+def raise_if_final(ws: ClientConnection) -> None:
+    """Raise what a close code says no reconnection can fix (bad credentials, revoked, deactivated)."""
+    fatal = stop_error(ws.close_code, ws.close_reason or "")
+    if fatal is not None:
+        raise fatal

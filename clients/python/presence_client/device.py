@@ -23,9 +23,9 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from presence_client import pairing
 from presence_client.backoff import Backoff
-from presence_client.connection import END as _END, MAX_QUEUE, Answers, open_websocket, end
+from presence_client.connection import END as _END, MAX_QUEUE, Answers, open_websocket, end, hang_up, raise_if_final
 from presence_client.credentials import Credentials
-from presence_client.errors import ERRNO_REVOKED, RequestError, Revoked, Stopped, stop_error
+from presence_client.errors import ERRNO_REVOKED, RequestError, Revoked, Stopped
 from presence_client.idle import IdleHook, IdleWatcher
 
 log = logging.getLogger("presence_client.device")
@@ -177,11 +177,8 @@ class PresenceDevice:
             self._ws = None
             self.connected.clear()
             self.backoff.disconnected()
-            self._answers.fail(ConnectionError("the connection to the node was lost"))
-            await ws.close()
-        fatal = stop_error(ws.close_code, ws.close_reason or "")
-        if fatal is not None:
-            raise fatal
+            await hang_up(ws, self._answers)
+        raise_if_final(ws)
 
     async def _first_answer(self, ws: Any) -> dict[str, Any]:
         """The answer to `connect` (nothing else comes before it)."""
