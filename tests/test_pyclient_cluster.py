@@ -89,6 +89,17 @@ async def test_an_application_survives_kill_9_of_its_node_and_ends_with_the_true
             return (await store._query("SELECT count(*) FROM notifications", ()))[0][0]
         await until(lambda: ensureDeferred(waiting()).addCallback(lambda n: n == 0), "the acks to remove both")
 
+        # the device's node is killed too and comes back: the device reconnects (a new session) and
+        # states its status again; the application, back on b as well, ends with it
+        session = client.call(lambda: laptop.session_id)
+        b.kill()
+        await b.start()
+        await client.until(lambda: laptop.connected.is_set() and laptop.session_id not in (None, session),
+                           "the device to reconnect to the restarted node")
+        await client.until(lambda: stream.connected.is_set()
+                           and stream.people[uid["alice@example.com"]].status == "unavailable",
+                           "the application to hear the device's status again")
+
         # the device leaves: offline, and the application hears it
         await client.run(laptop.close())
         await client.until(lambda: stream.people[uid["alice@example.com"]].status == "offline", "alice offline")

@@ -179,6 +179,12 @@ async def test_the_documented_python_clients_pair_in_chromium_report_go_idle_sto
         assert await deferToThread(running.wait, 30) == 0
         assert run_out.lines[-1] == "offline"
 
+        # renewal against the node, while the certificate is valid: the same key and pairing
+        credentials = PresenceDevice.from_file(tmp_path / "device.json").credentials
+        renewed = await client.run(renew(credentials))
+        assert (renewed.pairing, renewed.key_pem) == (credentials.pairing, credentials.key_pem)
+        assert renewed.certificate != credentials.certificate and renewed.expires >= credentials.expires
+
         # alice revokes the device on /me while the Python client is connected
         device = PresenceDevice.from_file(tmp_path / "device.json")
         await client.run(device.wait_connected())
