@@ -70,8 +70,8 @@ class DeviceSession(Session):
                 self.refused(e)
                 raise e
             device_id = device_id or paired.name
-        if self.closed:
-            return None
+            if self.closed:
+                return None
         self.authenticated()
         self.session_id = new_id()
         link = await self.hub.attach(email, device_id or "session:" + self.session_id, scope, self, identity.pairing)
