@@ -154,6 +154,13 @@ async def test_a_device_pairs_through_the_person_s_page_connects_renews_and_is_r
         taken["certificate"], KEY, live.public_url, live.clock.seconds())})
     assert code == 200 and renewed["pairing"] == taken["pairing"], renewed
 
+    # a paired device's certificate opens no page session (only its own connects and renewals)
+    stranger = Browser(live)
+    await stranger.get("/login")
+    page = await stranger.post_json("/login/assertion", {"assertion": make_assertion(
+        taken["certificate"], KEY, live.public_url, live.clock.seconds())})
+    assert page.code == 400 and "cannot sign in to the pages" in page.text, page.text
+
     # 6. revoked on /me: the live connection closes with 4007; connect and renewal are refused
     revoked = await person.post("/me/unpair", {"id": taken["pairing"]})
     assert revoked.code == 303 and revoked.location == "/me?done=unpaired"

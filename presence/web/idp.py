@@ -232,9 +232,10 @@ class IdentityProvider:
             identity = await self.site.verifier().verify(assertion)
         except IdentityError as e:
             raise Problem(400, f"Signing in failed: {e.message}.") from None
-        if identity.pairing and await self.site.store.touch_paired_device(
-                identity.pairing, identity.email, self.site.clock.seconds()) is None:
-            raise Problem(400, "Signing in failed: this device's pairing was revoked.")
+        if identity.pairing:
+            # A paired device's certificate proves an address only to report its status: one a
+            # person was tricked into approving (RFC 8628's remote phishing) must not open their pages.
+            raise Problem(400, "Signing in failed: a paired device's certificate cannot sign in to the pages.")
         await self.site.sessions.login(request, identity.email)
         log.info("{email} signed in to the pages", email=identity.email, event="web.login")
         return send_json(request, 200, {"email": identity.email, "next": local_path(str(body.get("next", "/")))})
