@@ -31,6 +31,16 @@ from tests.fakes import ListPeer
 from tests.wsclient import WSClient
 
 
+@pytest_twisted.async_yield_fixture
+async def store(database_url):
+    """An open store of each backend (a test that needs more than the store opens its own)."""
+    opened = open_store(database_url)
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+
 async def sleep(seconds: float) -> None:
     await deferLater(reactor, seconds, lambda: None)
 
@@ -212,55 +222,45 @@ class Phone(ListPeer):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_notification_answered_unavailable_was_not_stored(database_url):
-    store = open_store(database_url)
-    await store.open()
-    try:
-        app, _ = await new_app(store, "alice@example.com")
-        uid = (await store.get_grant("alice@example.com", app.app_id)).uid
-        clock = Clock()
-        hub = Hub(store, Streams(store, clock), clock, "n")
-        phone = Phone()
-        await hub.attach("alice@example.com", "phone", None, phone)
-        notifier = Notifier(store, hub, clock, "n")
-        inner = store._transaction
+async def test_a_notification_answered_unavailable_was_not_stored(store):
+    app, _ = await new_app(store, "alice@example.com")
+    uid = (await store.get_grant("alice@example.com", app.app_id)).uid
+    clock = Clock()
+    hub = Hub(store, Streams(store, clock), clock, "n")
+    phone = Phone()
+    await hub.attach("alice@example.com", "phone", None, phone)
+    notifier = Notifier(store, hub, clock, "n")
+    inner = store._transaction
 
-        def logging_fails(step):
-            if "INSERT INTO changes" in step[0]:
-                raise StoreUnavailable("injected: the database went away")
+    def logging_fails(step):
+        if "INSERT INTO changes" in step[0]:
+            raise StoreUnavailable("injected: the database went away")
 
-        async def no_log(interaction):
-            return await inner(each_statement(interaction, logging_fails))
-        store._transaction = no_log
-        with pytest.raises(StoreUnavailable):
-            await notifier.send(app, [{"uid": uid, "message": "hello"}])
-        store._transaction = inner
-        assert await store.pending_notifications("alice@example.com", 0) == []
-        assert phone.notified == []
-        # the application's retry is then the only copy
-        assert (await notifier.send(app, [{"uid": uid, "message": "hello"}]))[0]["result"] == "OK"
-        assert [n.message for n in await store.pending_notifications("alice@example.com", 0)] == ["hello"]
-    finally:
-        await store.close()
+    async def no_log(interaction):
+        return await inner(each_statement(interaction, logging_fails))
+    store._transaction = no_log
+    with pytest.raises(StoreUnavailable):
+        await notifier.send(app, [{"uid": uid, "message": "hello"}])
+    store._transaction = inner
+    assert await store.pending_notifications("alice@example.com", 0) == []
+    assert phone.notified == []
+    # the application's retry is then the only copy
+    assert (await notifier.send(app, [{"uid": uid, "message": "hello"}]))[0]["result"] == "OK"
+    assert [n.message for n in await store.pending_notifications("alice@example.com", 0)] == ["hello"]
 
 
 # -- 4. order by the change log, not by the nodes' clocks ----------------------------------------
 @pytest_twisted.ensureDeferred
-async def test_the_waiting_queue_keeps_the_later_change_whatever_the_clocks(database_url):
-    store = open_store(database_url)
-    await store.open()
-    try:
-        app, _ = await new_app(store, "alice@example.com")
+async def test_the_waiting_queue_keeps_the_later_change_whatever_the_clocks(store):
+    app, _ = await new_app(store, "alice@example.com")
 
-        def put(status):
-            def mutate(devices):
-                devices["phone"] = Device("alice@example.com", "phone", "n", status, 1.0, "s")
-            return mutate
-        await store.change_person("alice@example.com", put("online"), "fast-clock", 100.0)
-        await store.change_person("alice@example.com", put("unavailable"), "slow-clock", 98.0)  # 2 s behind, later
-        assert [(u.status, u.seq) for u in await store.take_pending(app.app_id, 0)] == [("unavailable", 2)]
-    finally:
-        await store.close()
+    def put(status):
+        def mutate(devices):
+            devices["phone"] = Device("alice@example.com", "phone", "n", status, 1.0, "s")
+        return mutate
+    await store.change_person("alice@example.com", put("online"), "fast-clock", 100.0)
+    await store.change_person("alice@example.com", put("unavailable"), "slow-clock", 98.0)  # 2 s behind, later
+    assert [(u.status, u.seq) for u in await store.take_pending(app.app_id, 0)] == [("unavailable", 2)]
 
 
 def test_a_slow_reader_is_sent_the_later_change_whatever_the_clocks():
@@ -362,64 +362,54 @@ async def test_every_transition_arrives_in_order_across_a_lost_listen_connection
 
 
 @pytest_twisted.ensureDeferred
-async def test_reaping_replays_what_the_dead_node_had_not_delivered_with_its_own_numbers(database_url):
+async def test_reaping_replays_what_the_dead_node_had_not_delivered_with_its_own_numbers(store):
     """Changes after a dead node's delivered mark reach its applications: logged again (every node's
     connections get what they lack, at their original number) and queued where nobody holds them."""
-    store = open_store(database_url)
-    await store.open()
-    try:
-        shared, _ = await new_app(store, "p@x")      # also held by a live node
-        alone, _ = await new_app(store, "p@x")       # held by the dead node only
-        now = await store.now()
-        await store.register_node("dead", now - 100, 0)
-        await store.register_node("live", now, 0)
-        await store.register_node("reaper", now, 0)
-        for node, app in (("dead", shared), ("live", shared), ("dead", alone)):
-            await store.subscribe(node, app.app_id)
+    shared, _ = await new_app(store, "p@x")      # also held by a live node
+    alone, _ = await new_app(store, "p@x")       # held by the dead node only
+    now = await store.now()
+    await store.register_node("dead", now - 100, 0)
+    await store.register_node("live", now, 0)
+    await store.register_node("reaper", now, 0)
+    for node, app in (("dead", shared), ("live", shared), ("dead", alone)):
+        await store.subscribe(node, app.app_id)
 
-        def put(devices):
-            devices["phone"] = Device("p@x", "phone", "live", "online", 1.0, "s")
-        change = await store.change_person("p@x", put, "live", 1.0)
-        assert change.queued == frozenset()          # both held: delivered live, nothing waits
+    def put(devices):
+        devices["phone"] = Device("p@x", "phone", "live", "online", 1.0, "s")
+    change = await store.change_person("p@x", put, "live", 1.0)
+    assert change.queued == frozenset()          # both held: delivered live, nothing waits
 
-        reaped = await store.reap_node("reaper", 2.0, before=now - 30)
-        assert reaped.node == "dead" and reaped.apps == sorted([shared.app_id, alone.app_id])
-        assert sorted((u.app_id, u.status, u.seq) for u in reaped.replayed) == sorted(
-            [(shared.app_id, "online", change.seq), (alone.app_id, "online", change.seq)])
-        assert reaped.queued == {alone.app_id}
-        assert [(u.status, u.seq) for u in await store.take_pending(alone.app_id, 0)] == [("online", change.seq)]
-        assert await store.take_pending(shared.app_id, 0) == []
-        logged = (await store.changes_since(change.seq))[-1]
-        assert logged.seq > change.seq
-        from presence import changelog
-        updates, queued, _ = changelog.decode(logged.payload, logged.seq)
-        assert {u.seq for u in updates} == {change.seq} and queued == {alone.app_id}
-        assert await store.reap_node("reaper", 3.0, before=now - 30) is None   # once
-    finally:
-        await store.close()
+    reaped = await store.reap_node("reaper", 2.0, before=now - 30)
+    assert reaped.node == "dead" and reaped.apps == sorted([shared.app_id, alone.app_id])
+    assert sorted((u.app_id, u.status, u.seq) for u in reaped.replayed) == sorted(
+        [(shared.app_id, "online", change.seq), (alone.app_id, "online", change.seq)])
+    assert reaped.queued == {alone.app_id}
+    assert [(u.status, u.seq) for u in await store.take_pending(alone.app_id, 0)] == [("online", change.seq)]
+    assert await store.take_pending(shared.app_id, 0) == []
+    logged = (await store.changes_since(change.seq))[-1]
+    assert logged.seq > change.seq
+    from presence import changelog
+    updates, queued, _ = changelog.decode(logged.payload, logged.seq)
+    assert {u.seq for u in updates} == {change.seq} and queued == {alone.app_id}
+    assert await store.reap_node("reaper", 3.0, before=now - 30) is None   # once
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_clean_stop_that_could_not_clear_its_devices_leaves_no_ghost(database_url):
+async def test_a_clean_stop_that_could_not_clear_its_devices_leaves_no_ghost(store):
     """A stop whose store failed while it marked its devices offline (hub.stop logs it and goes on)
     must not leave the registry with those devices still recorded: nobody would reap them."""
-    store = open_store(database_url)
-    await store.open()
-    try:
-        app, _ = await new_app(store, "alice@example.com")
-        leaving = survivor(store, "n#1")
-        await leaving.join()
+    app, _ = await new_app(store, "alice@example.com")
+    leaving = survivor(store, "n#1")
+    await leaving.join()
 
-        def online(devices):
-            devices["phone"] = Device("alice@example.com", "phone", "n#1", "online", 1.0, "s")
-        await store.change_person("alice@example.com", online, "n#1", 1.0)
-        await leaving.leave()              # what stop does after hub.stop, whether or not that worked
-        assert await store.emails_on_node("n#1") == []
-        assert (await store.get_status("alice@example.com")).status == "offline"
-        assert [u.status for u in await store.take_pending(app.app_id, 0)] == ["offline"]
-        assert await store.heartbeat("n#1", 2.0, 0) is False
-    finally:
-        await store.close()
+    def online(devices):
+        devices["phone"] = Device("alice@example.com", "phone", "n#1", "online", 1.0, "s")
+    await store.change_person("alice@example.com", online, "n#1", 1.0)
+    await leaving.leave()              # what stop does after hub.stop, whether or not that worked
+    assert await store.emails_on_node("n#1") == []
+    assert (await store.get_status("alice@example.com")).status == "offline"
+    assert [u.status for u in await store.take_pending(app.app_id, 0)] == ["offline"]
+    assert await store.heartbeat("n#1", 2.0, 0) is False
 
 
 @pytest_twisted.ensureDeferred
@@ -513,31 +503,26 @@ async def test_a_change_committed_though_the_node_saw_its_commit_fail_still_reac
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_reaped_node_subscribes_nothing(database_url):
+async def test_a_reaped_node_subscribes_nothing(store):
     """An application connecting to a node at the moment it is reaped: its subscription would hold
     the application for ever (changes neither queued nor delivered), so a fenced node makes none."""
-    store = open_store(database_url)
-    await store.open()
-    try:
-        app, _ = await new_app(store, "alice@example.com")
-        now = await store.now()
-        await store.register_node("gone#1", now - 100, 0)
-        await store.register_node("reaper", now, 0)
-        assert (await store.reap_node("reaper", 1.0, before=now - 30)).node == "gone#1"
-        with pytest.raises(NodeFenced):
-            await store.open_streams("gone#1", [app.app_id], 0.0, fence=True)
-        assert await store.subscribed([app.app_id]) == set()
+    app, _ = await new_app(store, "alice@example.com")
+    now = await store.now()
+    await store.register_node("gone#1", now - 100, 0)
+    await store.register_node("reaper", now, 0)
+    assert (await store.reap_node("reaper", 1.0, before=now - 30)).node == "gone#1"
+    with pytest.raises(NodeFenced):
+        await store.open_streams("gone#1", [app.app_id], 0.0, fence=True)
+    assert await store.subscribed([app.app_id]) == set()
 
-        def online(devices):
-            devices["phone"] = Device("alice@example.com", "phone", "reaper", "online", 1.0, "s")
-        change = await store.change_person("alice@example.com", online, "reaper", 2.0)
-        assert change.queued == {app.app_id}          # nobody holds it: it waits
-    finally:
-        await store.close()
+    def online(devices):
+        devices["phone"] = Device("alice@example.com", "phone", "reaper", "online", 1.0, "s")
+    change = await store.change_person("alice@example.com", online, "reaper", 2.0)
+    assert change.queued == {app.app_id}          # nobody holds it: it waits
 
 
 @pytest_twisted.ensureDeferred
-async def test_an_application_whose_subscription_fails_after_ok_is_closed_not_left_deaf(database_url):
+async def test_an_application_whose_subscription_fails_after_ok_is_closed_not_left_deaf(store):
     """The key is answered OK before the node registers the stream; if that registration then fails
     (the store went away, or the node was just reaped), a connection left open would look live to
     the application while nothing reaches it and its changes wait in the store for a reconnect that
@@ -545,34 +530,27 @@ async def test_an_application_whose_subscription_fails_after_ok_is_closed_not_le
     from presence.metrics import Metrics
     from presence.ws.app import AppSession
 
-    store = open_store(database_url)
-    await store.open()
-    try:
-        app, key = await new_app(store, "alice@example.com")
-        now = await store.now()
-        await store.register_node("gone#1", now - 100, 0)
-        await store.register_node("reaper", now, 0)
-        assert (await store.reap_node("reaper", 1.0, before=now - 30)).node == "gone#1"
-        clock = Clock()
-        streams = Streams(store, clock, "gone#1")
-        streams.fence = True
-        peer = ListPeer()
-        session = AppSession(peer, app.app_id, Applications(store, reactor), streams, clock, 10, Metrics(), None)
-        await session._handle('{"key": "%s"}' % key)
-        assert peer.sent[0]["result"] == "OK"
-        assert peer.closed is not None and peer.closed[0] == 1011, peer.sent   # it reconnects, and is told
-        assert session.subscriber is None and streams.connection_count() == 0
-        assert await store.subscribed([app.app_id]) == set()
-    finally:
-        await store.close()
+    app, key = await new_app(store, "alice@example.com")
+    now = await store.now()
+    await store.register_node("gone#1", now - 100, 0)
+    await store.register_node("reaper", now, 0)
+    assert (await store.reap_node("reaper", 1.0, before=now - 30)).node == "gone#1"
+    clock = Clock()
+    streams = Streams(store, clock, "gone#1")
+    streams.fence = True
+    peer = ListPeer()
+    session = AppSession(peer, app.app_id, Applications(store, reactor), streams, clock, 10, Metrics(), None)
+    await session._handle('{"key": "%s"}' % key)
+    assert peer.sent[0]["result"] == "OK"
+    assert peer.closed is not None and peer.closed[0] == 1011, peer.sent   # it reconnects, and is told
+    assert session.subscriber is None and streams.connection_count() == 0
+    assert await store.subscribed([app.app_id]) == set()
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_device_whose_waiting_notifications_cannot_be_read_after_ok_is_closed(database_url):
+async def test_a_device_whose_waiting_notifications_cannot_be_read_after_ok_is_closed(store):
     """The same for a device: answered OK, then its waiting notifications could not be read. Left
     open it would never be given them (they are sent on connect only); closed, it reconnects and is."""
-    from types import SimpleNamespace
-
     from presence.metrics import Metrics
     from presence.ws.device import DeviceSession
 
@@ -580,86 +558,71 @@ async def test_a_device_whose_waiting_notifications_cannot_be_read_after_ok_is_c
         async def verify(self, assertion):
             return Identity("alice@example.com", "example.com", 0.0)
 
-    store = open_store(database_url)
-    await store.open()
-    try:
-        clock = Clock()
-        hub = Hub(store, Streams(store, clock), clock, "n")
-        notifier = Notifier(store, hub, clock, "n")
+    clock = Clock()
+    hub = Hub(store, Streams(store, clock), clock, "n")
+    notifier = Notifier(store, hub, clock, "n")
 
-        async def store_gone(email):
-            raise StoreUnavailable("injected: the database went away")
-        notifier.waiting = store_gone
-        peer = Phone()
-        session = DeviceSession(peer, hub, Verifier(), clock, 10, 10.0, 10, Metrics(), notifier)
-        await session._handle('{"type": "connect", "assertion": "a~b", "device": "phone"}')
-        assert peer.sent[0]["result"] is True
-        assert peer.closed is not None and peer.closed[0] == 1011, peer.sent
-    finally:
-        await store.close()
+    async def store_gone(email):
+        raise StoreUnavailable("injected: the database went away")
+    notifier.waiting = store_gone
+    peer = Phone()
+    session = DeviceSession(peer, hub, Verifier(), clock, 10, 10.0, 10, Metrics(), notifier)
+    await session._handle('{"type": "connect", "assertion": "a~b", "device": "phone"}')
+    assert peer.sent[0]["result"] is True
+    assert peer.closed is not None and peer.closed[0] == 1011, peer.sent
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_registration_is_never_undone_by_the_previous_connections_late_removal(database_url):
+async def test_a_registration_is_never_undone_by_the_previous_connections_late_removal(store):
     """The last connection of an application leaves (its registry row is being removed) and the next
     one registers meanwhile: the removal must not land after the registration, or the live
     connection's row is gone and other nodes queue its changes for a reconnect that never comes."""
     from twisted.internet.defer import Deferred
 
-    store = open_store(database_url)
-    await store.open()
-    try:
-        app, _ = await new_app(store, "alice@example.com")
-        streams = Streams(store, Clock(), "n1")
-        first = await streams.subscribe(app.app_id, ListPeer())
-        assert await store.subscribed([app.app_id]) == {app.app_id}
-        gate, real = Deferred(), store.unsubscribe
+    app, _ = await new_app(store, "alice@example.com")
+    streams = Streams(store, Clock(), "n1")
+    first = await streams.subscribe(app.app_id, ListPeer())
+    assert await store.subscribed([app.app_id]) == {app.app_id}
+    gate, real = Deferred(), store.unsubscribe
 
-        async def slow_unsubscribe(node, app_id):
-            await gate                   # the removal's statement is slow to commit
-            await real(node, app_id)
-        store.unsubscribe = slow_unsubscribe
-        streams.unsubscribe(first)
-        second = ensureDeferred(streams.subscribe(app.app_id, ListPeer()))
-        await deferLater(reactor, 0.2, lambda: None)    # the registration had every chance to go first
-        gate.callback(None)
-        await second
-        await streams.flush()
-        assert await store.subscribed([app.app_id]) == {app.app_id}
-    finally:
-        await store.close()
+    async def slow_unsubscribe(node, app_id):
+        await gate                   # the removal's statement is slow to commit
+        await real(node, app_id)
+    store.unsubscribe = slow_unsubscribe
+    streams.unsubscribe(first)
+    second = ensureDeferred(streams.subscribe(app.app_id, ListPeer()))
+    await deferLater(reactor, 0.2, lambda: None)    # the registration had every chance to go first
+    gate.callback(None)
+    await second
+    await streams.flush()
+    assert await store.subscribed([app.app_id]) == {app.app_id}
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_removal_that_failed_is_retried_so_nobody_holds_a_gone_application(database_url):
+async def test_a_removal_that_failed_is_retried_so_nobody_holds_a_gone_application(store):
     """The last connection left while the database was away: the row would say this node holds the
     application for ever, so other nodes would neither queue its changes nor anyone send them."""
     from tests.fakes import eventually
 
-    store = open_store(database_url)
-    await store.open()
-    try:
-        app, _ = await new_app(store, "alice@example.com")
-        clock = Clock()
-        streams = Streams(store, clock, "n1", retry_delay=5.0)
-        subscriber = await streams.subscribe(app.app_id, ListPeer())
-        real, calls = store.unsubscribe, []
+    app, _ = await new_app(store, "alice@example.com")
+    clock = Clock()
+    streams = Streams(store, clock, "n1", retry_delay=5.0)
+    subscriber = await streams.subscribe(app.app_id, ListPeer())
+    real, calls = store.unsubscribe, []
 
-        async def away_once(node, app_id):
-            calls.append(app_id)
-            if len(calls) == 1:
-                raise StoreUnavailable("injected: the database went away")
-            await real(node, app_id)
-        store.unsubscribe = away_once
-        streams.unsubscribe(subscriber)
-        await eventually(lambda: len(calls) == 1)
-        assert await store.subscribed([app.app_id]) == {app.app_id}
-        clock.advance(5.0)
-        await eventually(lambda: len(calls) == 2)
-        await streams.flush()
-        assert await store.subscribed([app.app_id]) == set()
-    finally:
-        await store.close()
+    async def away_once(node, app_id):
+        calls.append(app_id)
+        if len(calls) == 1:
+            raise StoreUnavailable("injected: the database went away")
+        await real(node, app_id)
+    store.unsubscribe = away_once
+    streams.unsubscribe(subscriber)
+    await eventually(lambda: len(calls) == 1)
+    assert await store.subscribed([app.app_id]) == {app.app_id}
+    clock.advance(5.0)
+    await eventually(lambda: len(calls) == 2)
+    await streams.flush()
+    assert await store.subscribed([app.app_id]) == set()
 
 
 def test_a_socket_libpq_already_dropped_is_a_lost_connection_not_a_traceback():
@@ -755,164 +718,139 @@ async def test_a_connection_lost_at_the_commit_itself_is_settled_from_the_log(po
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_device_offline_write_that_failed_is_retried_soon_not_after_the_full_delay(database_url):
+async def test_a_device_offline_write_that_failed_is_retried_soon_not_after_the_full_delay(store):
     """A device's grace ended while the database restarted: its offline write failed. Retried only
     after --retry 5 s, the person stayed online (with no device) well past the quiet period the
     invariants are defined after (chaos checker: a ghost device after a database restart). Retries
     start at a quarter second and double up to the delay; simultaneous ones are one group commit."""
     from tests.fakes import eventually
 
-    store = open_store(database_url)
-    await store.open()
-    try:
-        clock = Clock()
-        hub = Hub(store, Streams(store, clock), clock, "n", grace=1.0, retry_delay=5.0)
-        phone = Phone()
-        link = await hub.attach("alice@example.com", "phone", None, phone)
-        await hub.set_status(link, "online")
-        inner, failures = store._transaction, []
+    clock = Clock()
+    hub = Hub(store, Streams(store, clock), clock, "n", grace=1.0, retry_delay=5.0)
+    phone = Phone()
+    link = await hub.attach("alice@example.com", "phone", None, phone)
+    await hub.set_status(link, "online")
+    inner, failures = store._transaction, []
 
-        async def restarting(interaction):
-            if len(failures) < 2:
-                failures.append(1)
-                raise StoreUnavailable("injected: the database is restarting")
-            return await inner(interaction)
-        store._transaction = restarting
-        hub.detach(link, phone)
-        clock.advance(1.0)                         # grace over: the first attempt fails
-        await eventually(lambda: len(failures) == 1)
-        clock.advance(0.25)                        # the second fails too
-        await eventually(lambda: len(failures) == 2)
-        clock.advance(0.5)                         # the third lands
-        await eventually(lambda: ("alice@example.com", "phone") not in hub.links)
-        assert await store.list_devices("alice@example.com") == []
-        assert (await store.get_status("alice@example.com")).status == "offline"
-    finally:
-        await store.close()
+    async def restarting(interaction):
+        if len(failures) < 2:
+            failures.append(1)
+            raise StoreUnavailable("injected: the database is restarting")
+        return await inner(interaction)
+    store._transaction = restarting
+    hub.detach(link, phone)
+    clock.advance(1.0)                         # grace over: the first attempt fails
+    await eventually(lambda: len(failures) == 1)
+    clock.advance(0.25)                        # the second fails too
+    await eventually(lambda: len(failures) == 2)
+    clock.advance(0.5)                         # the third lands
+    await eventually(lambda: ("alice@example.com", "phone") not in hub.links)
+    assert await store.list_devices("alice@example.com") == []
+    assert (await store.get_status("alice@example.com")).status == "offline"
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_device_whose_attach_failed_is_not_kept_as_live(database_url):
+async def test_a_device_whose_attach_failed_is_not_kept_as_live(store):
     """The connect's store write failed (perhaps after committing: the answer was lost): the device
     was answered errno 50 and goes, but its link stayed, live, with no grace period, so a row that
     did commit would never be cleared (a ghost device). It now ends like a dropped connection."""
     from tests.fakes import eventually
 
-    store = open_store(database_url)
-    await store.open()
-    try:
-        clock = Clock()
-        hub = Hub(store, Streams(store, clock), clock, "n", grace=1.0)
-        inner = store._transaction
+    clock = Clock()
+    hub = Hub(store, Streams(store, clock), clock, "n", grace=1.0)
+    inner = store._transaction
 
-        async def committed_but_lost(interaction):
-            await inner(interaction)
-            raise StoreUnavailable("injected: committed, but the answer was lost with the connection")
-        store._transaction = committed_but_lost
-        with pytest.raises(StoreUnavailable):
-            await hub.attach("alice@example.com", "phone", None, Phone())
-        store._transaction = inner
-        assert [d.device for d in await store.list_devices("alice@example.com")] == ["phone"]   # the ghost
-        clock.advance(1.0)
-        await eventually(lambda: ("alice@example.com", "phone") not in hub.links)
-        assert await store.list_devices("alice@example.com") == []
-    finally:
-        await store.close()
+    async def committed_but_lost(interaction):
+        await inner(interaction)
+        raise StoreUnavailable("injected: committed, but the answer was lost with the connection")
+    store._transaction = committed_but_lost
+    with pytest.raises(StoreUnavailable):
+        await hub.attach("alice@example.com", "phone", None, Phone())
+    store._transaction = inner
+    assert [d.device for d in await store.list_devices("alice@example.com")] == ["phone"]   # the ghost
+    clock.advance(1.0)
+    await eventually(lambda: ("alice@example.com", "phone") not in hub.links)
+    assert await store.list_devices("alice@example.com") == []
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_log_is_still_polled_after_a_read_failed_unexpectedly(database_url):
+async def test_the_log_is_still_polled_after_a_read_failed_unexpectedly(store):
     """The poll is a LoopingCall on the read: one read failing with anything but StoreUnavailable
     stopped it for good, and the node then followed the log only while its LISTEN connection lived."""
     from presence import changelog
     from tests.fakes import eventually
 
-    store = open_store(database_url)
-    await store.open()
-    try:
-        clock, applied = Clock(), []
-        feed = ChangeFeed(store, clock, applied.append, poll_interval=2.0)
-        await feed.start()
-        real, calls = store.changes_since, []
+    clock, applied = Clock(), []
+    feed = ChangeFeed(store, clock, applied.append, poll_interval=2.0)
+    await feed.start()
+    real, calls = store.changes_since, []
 
-        async def odd_once(seq, limit=1000):
-            calls.append(seq)
-            if len(calls) == 1:
-                raise ValueError("injected: something unexpected")
-            return await real(seq, limit)
-        store.changes_since = odd_once
-        await store.log_change("other", 1.0, changelog.encode([]))
-        clock.advance(2.0)
-        await eventually(lambda: len(calls) == 1 and feed._reading is None)
-        clock.advance(2.0)
-        await eventually(lambda: len(applied) == 1)
-        feed.stop()
-    finally:
-        await store.close()
+    async def odd_once(seq, limit=1000):
+        calls.append(seq)
+        if len(calls) == 1:
+            raise ValueError("injected: something unexpected")
+        return await real(seq, limit)
+    store.changes_since = odd_once
+    await store.log_change("other", 1.0, changelog.encode([]))
+    clock.advance(2.0)
+    await eventually(lambda: len(calls) == 1 and feed._reading is None)
+    clock.advance(2.0)
+    await eventually(lambda: len(applied) == 1)
+    feed.stop()
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_second_reaper_hands_on_the_latest_change_not_the_latest_logged(database_url):
+async def test_a_second_reaper_hands_on_the_latest_change_not_the_latest_logged(store):
     """Two dead nodes held one application. The first reaper marks a person offline (not queued:
     the other dead node still holds the application) and then logs again, with their old numbers,
     the changes its dead node had not delivered (the person's earlier 'online'). The second reaper
     took the last entry *in log order* for each person, that replay, so the waiting queue said
     online for ever (chaos checker: an application told 'unavailable' of someone long offline)."""
-    store = open_store(database_url)
-    await store.open()
-    try:
-        app, _ = await new_app(store, "alice@example.com")
-        now = await store.now()
-        for name in ("b1", "c1"):
-            await store.register_node(name, now - 100, 0)
-            await store.subscribe(name, app.app_id)
-        for name in ("b2", "c2"):
-            await store.register_node(name, now, 0)
+    app, _ = await new_app(store, "alice@example.com")
+    now = await store.now()
+    for name in ("b1", "c1"):
+        await store.register_node(name, now - 100, 0)
+        await store.subscribe(name, app.app_id)
+    for name in ("b2", "c2"):
+        await store.register_node(name, now, 0)
 
-        def online(devices):
-            devices["phone"] = Device("alice@example.com", "phone", "c1", "online", 1.0, "s")
-        first = await store.change_person("alice@example.com", online, "c1", 1.0)
-        assert not first.queued                      # held (by both)
-        reaped = await store.reap_node("c2", 2.0, node="c1")
-        assert [u.status for u in reaped.replayed] == ["online"] and not reaped.queued
-        reaped = await store.reap_node("b2", 3.0, node="b1")
-        waiting = await store.take_pending(app.app_id, 0.0)
-        assert [(p.email, p.status) for p in waiting] == [("alice@example.com", "offline")]
-    finally:
-        await store.close()
+    def online(devices):
+        devices["phone"] = Device("alice@example.com", "phone", "c1", "online", 1.0, "s")
+    first = await store.change_person("alice@example.com", online, "c1", 1.0)
+    assert not first.queued                      # held (by both)
+    reaped = await store.reap_node("c2", 2.0, node="c1")
+    assert [u.status for u in reaped.replayed] == ["online"] and not reaped.queued
+    reaped = await store.reap_node("b2", 3.0, node="b1")
+    waiting = await store.take_pending(app.app_id, 0.0)
+    assert [(p.email, p.status) for p in waiting] == [("alice@example.com", "offline")]
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_failed_reconnect_of_a_device_does_not_leave_its_earlier_row_for_ever(database_url):
+async def test_a_failed_reconnect_of_a_device_does_not_leave_its_earlier_row_for_ever(store):
     """The device reconnects here: the new link replaces the old one (its grace cancelled), then the
     new connect's store write fails before committing. The row still has the old session, which the
     new link's expiry did not recognise, so it stayed (chaos checker: a device row with no live
     connection, on a live node, for good)."""
     from tests.fakes import eventually
 
-    store = open_store(database_url)
-    await store.open()
-    try:
-        clock = Clock()
-        hub = Hub(store, Streams(store, clock), clock, "n", grace=1.0)
-        old = Phone()
-        link = await hub.attach("alice@example.com", "phone", None, old)
-        await hub.set_status(link, "online")
-        inner = store._transaction
+    clock = Clock()
+    hub = Hub(store, Streams(store, clock), clock, "n", grace=1.0)
+    old = Phone()
+    link = await hub.attach("alice@example.com", "phone", None, old)
+    await hub.set_status(link, "online")
+    inner = store._transaction
 
-        async def refused(interaction):
-            raise StoreUnavailable("injected: the database went away")
-        store._transaction = refused
-        with pytest.raises(StoreUnavailable):
-            await hub.attach("alice@example.com", "phone", None, Phone())
-        store._transaction = inner
-        assert [d.session for d in await store.list_devices("alice@example.com")] == [link.session]
-        clock.advance(1.0)
-        await eventually(lambda: ("alice@example.com", "phone") not in hub.links)
-        assert await store.list_devices("alice@example.com") == []
-        assert (await store.get_status("alice@example.com")).status == "offline"
-    finally:
-        await store.close()
+    async def refused(interaction):
+        raise StoreUnavailable("injected: the database went away")
+    store._transaction = refused
+    with pytest.raises(StoreUnavailable):
+        await hub.attach("alice@example.com", "phone", None, Phone())
+    store._transaction = inner
+    assert [d.session for d in await store.list_devices("alice@example.com")] == [link.session]
+    clock.advance(1.0)
+    await eventually(lambda: ("alice@example.com", "phone") not in hub.links)
+    assert await store.list_devices("alice@example.com") == []
+    assert (await store.get_status("alice@example.com")).status == "offline"
 
 
 @pytest_twisted.ensureDeferred
