@@ -163,11 +163,15 @@ class Hub:
         await self.store.log_change(self.node, self.clock.seconds(),
                                     changelog.encode([], extras=[{"close_app": [app_id, code, reason]}]))
 
-    async def close_pairing(self, email: str, pairing: str) -> None:
-        """A paired device was revoked (its row is gone): close its connection on every node."""
-        self._close_pairing(email, pairing)
-        await self.store.log_change(self.node, self.clock.seconds(),
-                                    changelog.encode([], extras=[{"close_pairing": [email, pairing]}]))
+    async def revoke_pairing(self, email: str, pairing: str) -> Any:
+        """Revoke the person's paired device: its row goes and its connection closes on every node,
+        both in one transaction (the log entry that closes it elsewhere); None if it was not theirs."""
+        device = await self.store.revoke_paired_device(
+            email, pairing, self.node, self.clock.seconds(),
+            changelog.encode([], extras=[{"close_pairing": [email, pairing]}]))
+        if device is not None:
+            self._close_pairing(email, pairing)
+        return device
 
     def _close_pairing(self, email: str, pairing: str) -> None:
         now = self.clock.seconds()

@@ -27,8 +27,8 @@ USER_CODE_LENGTH = 8
 MAX_NAME = 64
 CLAIM = "presence-pairing"
 SLOW_DOWN_STEP = 5
-WRONG_CODES_PER_PERSON = 10   # per code lifetime: 20^8 codes make guessing hopeless
-WRONG_CODES_TOTAL = 1000
+CODES_PER_PERSON = 10   # codes one person (or client address) may submit per code lifetime
+CODES_TOTAL = 1000      # codes submitted to this node per code lifetime, by everyone
 
 
 def new_user_code() -> str:
@@ -99,9 +99,10 @@ class Pairing:
         self.key_format = key_format
         window = options.code_lifetime
         self.per_client = KeyedLimit(options.per_client, window, clock)
-        self.total = KeyedLimit(max(100, options.per_client * 100), window, clock)
-        self.wrong_per_person = KeyedLimit(WRONG_CODES_PER_PERSON, window, clock)
-        self.wrong_total = KeyedLimit(WRONG_CODES_TOTAL, window, clock)
+        self.total = KeyedLimit(max(100, options.per_client * 100) if options.per_client > 0 else 0, window, clock)
+        self.codes_per_person = KeyedLimit(CODES_PER_PERSON, window, clock)
+        self.codes_per_client = KeyedLimit(CODES_PER_PERSON, window, clock)
+        self.codes_total = KeyedLimit(CODES_TOTAL, window, clock)
 
     # -- the device ------------------------------------------------------------------------------------
     async def start(self, public_key: Any, name: Any, client: str) -> dict[str, Any]:
@@ -161,9 +162,10 @@ class Pairing:
                 "audience": self.public_url, "websocket": self.websocket}
 
     # -- the person -----------------------------------------------------------------------------------------
-    def limit_wrong_code(self, email: str) -> float:
-        """Count a wrong code; the seconds to wait when there were too many (0: go on)."""
-        return self.wrong_per_person.take(email) or self.wrong_total.take()
+    def limit_codes(self, email: str, client: str) -> float:
+        """Count a code submitted on /me/pair, right or wrong, before it is looked up (so a guess
+        that hits is refused like any other past the limit); the seconds to wait, or 0."""
+        return self.codes_per_person.take(email) or self.codes_per_client.take(client) or self.codes_total.take()
 
     async def pending(self, user_code: str) -> Any:
         return await self.store.get_pairing_request(hash_key(user_code), self.clock.seconds())

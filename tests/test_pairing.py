@@ -58,6 +58,8 @@ async def test_a_request_is_decided_once_and_its_answer_taken_once(database_url)
         # the person's name for a device is theirs alone
         await store.add_pairing_request("d2", "u2", json.dumps(PUBLIC), "laptop", 1000.0, 1600.0)
         assert await store.decide_pairing("u2", 1010.0, "a@x.org", "kitchen", "p3") == "taken"
+        assert (await store.get_pairing_request("u2", 1010.0)).name == "laptop"   # still undecided
+        assert [d.id for d in await store.list_paired_devices("a@x.org")] == ["p1"]
         assert await store.decide_pairing("u2", 1010.0, "a@x.org", None, "p3") == "denied"
         assert (await store.poll_pairing("d2", 1020.0, 5.0)).state == "access_denied"
         # expired: neither decided nor answered
@@ -79,11 +81,14 @@ async def test_a_request_is_decided_once_and_its_answer_taken_once(database_url)
 @pytest_twisted.ensureDeferred
 async def test_revoking_a_paired_device_closes_it_on_another_node_and_refuses_it_there(sqlite_store):
     w = World(sqlite_store)
+    await sqlite_store.add_pairing_request("d1", "u1", json.dumps(PUBLIC), "laptop", 1000.0, 1_000_000_000.0)
+    assert await sqlite_store.decide_pairing("u1", 1001.0, "p@x.org", "laptop", "p1") == "approved"
     here = ListPeer()
     await w.hub.attach("p@x.org", "laptop", None, here, pairing="p1")
     seen = await sqlite_store.last_change()
     b = w.other_node()
-    await b.close_pairing("p@x.org", "p1")        # the node that served the person's page
+    assert (await b.revoke_pairing("p@x.org", "p1")).name == "laptop"   # the node that served the page
+    assert await b.revoke_pairing("p@x.org", "p1") is None
     for change in await sqlite_store.changes_since(seen):
         w.hub.apply(change)                       # what this node's change feed does
     assert here.closed[0] == errors.CLOSE_DEVICE_REVOKED
@@ -184,7 +189,14 @@ async def test_pairing_refuses_bad_keys_and_denied_devices_and_limits_each_addre
     denied = await person.post("/me/pair", {"code": started["user_code"], "decision": "deny"})
     assert denied.location == "/me?done=denied"
     assert (await post(live, "/pair/token", {"device_code": started["device_code"]}))[1]["error"] == "access_denied"
-    for _ in range(9):   # ten per address per code lifetime (one asked above; a refused key does not count)
+    # codes entered count before they are looked up: past the limit even the right one is refused
+    code, second = await post(live, "/pair", {"publicKey": PUBLIC})
+    for _ in range(9):   # ten per person per code lifetime (the denial above was one)
+        assert (await person.post("/me/pair", {"code": "BBBB-BBBB"})).code == 400
+    refused = await person.post("/me/pair", {"code": second["user_code"], "decision": "approve", "name": "x"})
+    assert refused.code == 429 and refused.header("retry-after")
+    assert await live.store.list_paired_devices("bob@example.com") == []
+    for _ in range(8):   # ten per address per code lifetime (two asked above; a refused key does not count)
         assert (await post(live, "/pair", {"publicKey": PUBLIC}))[0] == 200
     code, limited = await post(live, "/pair", {"publicKey": PUBLIC})
     assert code == 429 and limited["retry_after"] > 0

@@ -437,8 +437,10 @@ class Store(Protocol):
 
     async def list_paired_devices(self, email: str) -> list[PairedDevice]: ...
 
-    async def revoke_paired_device(self, email: str, pairing_id: str) -> PairedDevice | None:
-        """Delete the paired device; None if it was not the person's."""
+    async def revoke_paired_device(self, email: str, pairing_id: str, origin: str = "", now: float = 0.0,
+                                   payload: str | None = None) -> PairedDevice | None:
+        """Delete the paired device, logging ``payload`` in the same transaction; None if it was not
+        the person's."""
 
     async def add_session(self, id_hash: str, email: str, now: float, expires_at: float) -> None: ...
 

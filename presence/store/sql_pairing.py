@@ -37,20 +37,27 @@ class PairingQueries:
         """Approve (``name`` given) or deny a pending request: "approved", "denied", "taken" (the person
         already has a device of that name) or "gone" (no such pending request, or expired)."""
         def interaction():
-            if name is not None:
-                taken = yield "SELECT 1 FROM paired_devices WHERE email = ? AND name = ?", (email, name)
-                if taken:
-                    return "taken"
-            rows = yield ("UPDATE pairing_requests SET state = ?, email = ?, pairing = ?"
-                          " WHERE user_hash = ? AND state = 'pending' AND expires_at > ? RETURNING public_key",
-                          ("approved" if name is not None else "denied", email,
-                           pairing_id if name is not None else None, user_hash, now))
+            if name is None:
+                rows = yield ("UPDATE pairing_requests SET state = 'denied', email = ?"
+                              " WHERE user_hash = ? AND state = 'pending' AND expires_at > ? RETURNING 1",
+                              (email, user_hash, now))
+                return "denied" if rows else "gone"
+            rows = yield ("SELECT public_key FROM pairing_requests"
+                          " WHERE user_hash = ? AND state = 'pending' AND expires_at > ?", (user_hash, now))
             if not rows:
                 return "gone"
-            if name is None:
-                return "denied"
-            yield (f"INSERT INTO paired_devices ({PAIRED_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
-                   (pairing_id, email, name, rows[0][0], now, None))
+            # The name first: of two approvals racing for one name, the unique index lets one in and
+            # the other changes nothing (no error, no request approved without its device).
+            added = yield (f"INSERT INTO paired_devices ({PAIRED_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
+                           " ON CONFLICT (email, name) DO NOTHING RETURNING id",
+                           (pairing_id, email, name, rows[0][0], now, None))
+            if not added:
+                return "taken"
+            decided = yield ("UPDATE pairing_requests SET state = 'approved', email = ?, pairing = ?"
+                             " WHERE user_hash = ? AND state = 'pending' RETURNING 1", (email, pairing_id, user_hash))
+            if not decided:   # decided meanwhile by another request of the person's
+                yield "DELETE FROM paired_devices WHERE id = ?", (pairing_id,)
+                return "gone"
             return "approved"
 
         return await self._transaction(interaction())
@@ -64,8 +71,10 @@ class PairingQueries:
                 return PairingAnswer("expired_token")
             state, email, pairing, polled_at, expires_at = rows[0]
             if float(expires_at) <= now and state != "approved":
-                yield "DELETE FROM pairing_requests WHERE device_hash = ?", (device_hash,)
-                return PairingAnswer("expired_token")
+                # only if still undecided: an approval racing it (another node's clock) wins
+                gone = yield ("DELETE FROM pairing_requests WHERE device_hash = ? AND state <> 'approved' RETURNING 1",
+                              (device_hash,))
+                return PairingAnswer("expired_token" if gone else "authorization_pending")
             if state == "pending":
                 yield "UPDATE pairing_requests SET polled_at = ? WHERE device_hash = ?", (now, device_hash)
                 # a little slack: a device that waits exactly the interval is not too fast
@@ -95,7 +104,17 @@ class PairingQueries:
             f"SELECT {PAIRED_COLUMNS} FROM paired_devices WHERE email = ? ORDER BY created_at, id", (email,))
         return [_paired(row) for row in rows]
 
-    async def revoke_paired_device(self, email: str, pairing_id: str) -> PairedDevice | None:
-        rows = await self._query(
-            f"DELETE FROM paired_devices WHERE id = ? AND email = ? RETURNING {PAIRED_COLUMNS}", (pairing_id, email))
-        return _paired(rows[0]) if rows else None
+    async def revoke_paired_device(self, email: str, pairing_id: str, origin: str = "", now: float = 0.0,
+                                   payload: str | None = None) -> PairedDevice | None:
+        """Delete the pairing and, in the same transaction, log ``payload`` (what closes the device's
+        connection on every node): revoked everywhere, or not at all."""
+        def interaction():
+            rows = yield (f"DELETE FROM paired_devices WHERE id = ? AND email = ? RETURNING {PAIRED_COLUMNS}",
+                          (pairing_id, email))
+            if not rows:
+                return None
+            if payload is not None:
+                yield from self._log(origin, now, payload)
+            return _paired(rows[0])
+
+        return await self._transaction(interaction())

@@ -77,11 +77,11 @@ class PairingPages:
         """POST /me/pair: a code (then the device is shown), or the decision on it."""
         typed = arg(request, "code", 40)
         user_code = normalize_user_code(typed)
+        wait = self.pairing.limit_codes(email, self.site.idp.client(request))
+        if wait:
+            raise Problem(429, "Too many codes were entered; wait a few minutes and try again.", retry_after=wait)
         pending = await self.pairing.pending(user_code) if user_code else None
         if pending is None:
-            wait = self.pairing.limit_wrong_code(email)
-            if wait:
-                raise Problem(429, "Too many wrong codes; wait a few minutes and try again.", retry_after=wait)
             return await self.page(request, email, 400, "No device is waiting with this code (codes are valid"
                                    " for a few minutes and only once); check it, or start pairing again on the"
                                    " device.", typed[:20])
@@ -118,9 +118,8 @@ class PairingPages:
         """POST /me/unpair: the device's connect and renewal are refused from now on, and its live
         connection is closed on every node."""
         pairing_id = arg(request, "id", 64)
-        device = await self.site.store.revoke_paired_device(email, pairing_id) if pairing_id else None
+        device = await self.site.hub.revoke_pairing(email, pairing_id) if pairing_id else None
         if device is None:
             return redirect(request, with_query("/me", done="nodevice"))
-        await self.site.hub.close_pairing(email, device.id)
         log.info("{email} revoked paired device {name}", email=email, name=device.name, event="pair.revoked")
         return redirect(request, with_query("/me", done="unpaired"))
