@@ -190,3 +190,114 @@ def test_pairing_polls_at_the_interval_adds_five_seconds_at_slow_down_and_stops_
     with pytest.raises(PairingError) as denied:
         asyncio.run(pairing.wait_for_approval("http://n", code, fake_sleep))
     assert denied.value.error == "access_denied"
+
+
+def test_pairing_goes_on_polling_through_a_node_that_is_briefly_unreachable(monkeypatch):
+    import asyncio
+
+    from presence_client import pairing
+
+    answers = [ConnectionRefusedError(111, "refused"), (400, {"error": "authorization_pending"}),
+               (200, {"email": "a@x", "certificate": "c"})]
+
+    async def fake_request(method, url, body=None, headers=None):
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return (*answer, {})
+
+    async def no_sleep(seconds):
+        pass
+
+    monkeypatch.setattr(pairing, "request_json", fake_request)
+    code = PairingCode("secret", "BCDF-GHJK", "http://n/me/pair", None, 600, 1)
+    assert asyncio.run(pairing.wait_for_approval("http://n", code, no_sleep))["email"] == "a@x"
+
+
+def test_answers_stay_in_order_when_a_caller_stopped_waiting():
+    import asyncio
+
+    from presence_client.connection import Answers
+
+    async def main():
+        answers = Answers()
+        first, second = answers.expect(), answers.expect()
+        first.cancel()                      # e.g. a status sent on close, given up after its timeout
+        assert answers.answer({"result": "OK", "for": "first"})
+        assert answers.answer({"result": "OK", "acked": 1})
+        return await second
+
+    assert asyncio.run(main()) == {"result": "OK", "acked": 1}   # not the first request's answer
+
+
+def _fake_credentials(port: int) -> Credentials:
+    key = jws.new_key()
+    now = time.time()
+    certificate = jws.sign({"iss": "x", "iat": int(now * 1000), "exp": int((now + 86400) * 1000),
+                            "public-key": jws.public_key_json(key), "principal": {"email": "a@x.org"}}, key)
+    return Credentials("a@x.org", "dev", certificate, jws.key_to_pem(key), "http://x", "http://x",
+                       f"ws://127.0.0.1:{port}")
+
+
+def test_a_device_whose_node_drops_before_answering_its_status_reconnects_and_a_revocation_then_ends_it():
+    """The node accepts connect, then goes away before it answers the status: the device must not
+    wait for that answer for ever, and the close code it then reads counts (4007: revoked)."""
+    import asyncio
+    import json
+
+    from websockets.asyncio.server import serve
+
+    from presence_client import PresenceDevice
+
+    connects = []
+
+    async def node(ws):
+        json.loads(await ws.recv())
+        connects.append(1)
+        await ws.send(json.dumps({"result": True, "session_id": str(len(connects))}))
+        await ws.recv()                                   # the status, never answered
+        if len(connects) == 1:
+            await ws.close(1011, "going away")
+        else:
+            await ws.close(4007, "this device was revoked on /me")
+
+    async def main():
+        async with serve(node, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            device = PresenceDevice(_fake_credentials(port), backoff=Backoff(base=0.01, cap=0.05))
+            with pytest.raises(Revoked) as revoked:
+                await asyncio.wait_for(device.wait(), 10)
+            return revoked.value
+
+    assert asyncio.run(main()).code == 4007 and len(connects) == 2
+
+
+def test_an_error_in_the_program_s_callback_ends_the_iterator_with_it():
+    import asyncio
+    import json
+
+    from websockets.asyncio.server import serve
+
+    from presence_client import PresenceApp
+
+    async def node(ws):
+        await ws.recv()
+        await ws.send(json.dumps({"result": "OK", "app_id": "app"}))
+        await ws.send(json.dumps({"type": "state", "people": [
+            {"uid": "u1", "email": "a@x.org", "status": "online", "seq": 1, "last_active": None}]}))
+        await ws.send(json.dumps({"type": "synced", "seq": 1}))
+        await ws.wait_closed()
+
+    def broken(change):
+        raise RuntimeError("the program's own bug")
+
+    async def main():
+        async with serve(node, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            app = PresenceApp(f"ws://127.0.0.1:{port}", "app", "k" * 32, on_change=broken)
+            with pytest.raises(RuntimeError, match="own bug"):
+                async for _ in app.changes():
+                    pass
+            await app.close()
+
+    asyncio.run(asyncio.wait_for(main(), 10))

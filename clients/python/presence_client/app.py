@@ -95,9 +95,12 @@ class PresenceApp:
         self._closing = True
         if self._ws is not None:
             await self._ws.close()
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Stopped):
+        if self._task is not None:
+            if not self._task.done():
+                self._task.cancel()
+            # the loop's end, an error included, was the program's to see (error, the iterators):
+            # taken here, so no "exception was never retrieved" is left behind
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
 
     async def wait(self) -> None:
@@ -150,7 +153,7 @@ class PresenceApp:
                 delay = self.backoff.delay()
                 log.info("reconnecting to %s in %.2f s", self.url, delay)
                 await asyncio.sleep(delay)
-        except Stopped as e:
+        except Exception as e:   # Stopped, or an on_change callback's own error: changes() raises it
             self.error = e
             raise
         finally:

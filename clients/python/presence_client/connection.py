@@ -55,13 +55,14 @@ class Answers:
         return future
 
     def answer(self, message: Any) -> bool:
-        """Give `message` to the oldest request; False if none was waiting."""
-        while self._waiting:
-            future = self._waiting.popleft()
-            if not future.done():
-                future.set_result(message)
-                return True
-        return False
+        """Give `message` to the oldest request; False if none was waiting. A request whose caller
+        stopped waiting (cancelled) still takes its own answer, so the next one gets the next."""
+        if not self._waiting:
+            return False
+        future = self._waiting.popleft()
+        if not future.done():
+            future.set_result(message)
+        return True
 
     def fail(self, error: BaseException) -> None:
         """The connection is gone: every request still waiting fails with `error`."""

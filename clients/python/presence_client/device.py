@@ -59,6 +59,7 @@ class PresenceDevice:
         self.error: BaseException | None = None
         self._ws: Any = None
         self._answers = Answers()
+        self._sending = asyncio.Lock()
         self._seen: dict[int, None] = {}   # the latest MAX_SEEN ids, oldest first
         self._queue: asyncio.Queue[Any] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -115,7 +116,7 @@ class PresenceDevice:
                 if self._closing:
                     return
                 await asyncio.sleep(self.backoff.delay())
-        except Stopped as e:
+        except Exception as e:   # Revoked, Stopped, or a callback's own error: the iterator raises it
             self.error = e
             raise
         finally:
@@ -133,9 +134,12 @@ class PresenceDevice:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._request({"type": "status", "status": "offline"}), 5)
             await ws.close()
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Stopped):
+        if self._task is not None:
+            if not self._task.done():
+                self._task.cancel()
+            # the loop's end, an error included, was the program's to see (error, the iterators):
+            # taken here, so no "exception was never retrieved" is left behind
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
 
     async def _connection(self) -> None:
@@ -169,8 +173,8 @@ class PresenceDevice:
             self.backoff.connected()
             self.connected.set()
             await reader
-        except ConnectionClosed:
-            pass
+        except (ConnectionClosed, ConnectionError):
+            pass   # closed, or closed while a request waited (its close code is read below)
         finally:
             if reader is not None and not reader.done():
                 reader.cancel()
@@ -188,23 +192,34 @@ class PresenceDevice:
                 return message
 
     async def _read(self, ws: Any) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            async for raw in ws:
-                message = json.loads(raw)
-                if not isinstance(message, dict):
-                    continue
-                if message.get("type") == "notifications":
-                    await self._notifications(message.get("notifications") or [])
-                elif "type" not in message:
-                    self._answers.answer(message)
+        try:
+            with contextlib.suppress(ConnectionClosed):
+                async for raw in ws:
+                    message = json.loads(raw)
+                    if not isinstance(message, dict):
+                        continue
+                    if message.get("type") == "notifications":
+                        await self._notifications(message.get("notifications") or [])
+                    elif "type" not in message:
+                        self._answers.answer(message)
+        finally:
+            # whatever waits for an answer (the status sent on connect, too) learns the end now
+            self._answers.fail(ConnectionError("the connection to the node was lost"))
+
+    async def _send(self, message: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
+        """Send a request and return the future of its answer. Answers come in the order of the
+        requests, so the slot is taken and the message sent under one lock: an ack sent from the
+        reader and a status sent by the program cannot swap answers."""
+        async with self._sending:
+            ws = self._ws
+            if ws is None:
+                raise ConnectionError("not connected")
+            answer = self._answers.expect()
+            await ws.send(json.dumps(message))
+            return answer
 
     async def _request(self, message: dict[str, Any]) -> dict[str, Any]:
-        ws = self._ws
-        if ws is None:
-            raise ConnectionError("not connected")
-        answer = self._answers.expect()
-        await ws.send(json.dumps(message))
-        reply = await answer
+        reply = await (await self._send(message))
         if reply.get("result") == "KO":
             raise RequestError(reply.get("error", "refused"), errno=reply.get("errno"))
         return reply
@@ -270,12 +285,12 @@ class PresenceDevice:
 
     def _send_ack(self, ids: list[int]) -> None:
         """Acknowledge without waiting for the answer (it is read by the loop that calls this)."""
-        ws = self._ws
-        if ws is None:
-            return
-        answer = self._answers.expect()
-        answer.add_done_callback(lambda f: f.cancelled() or f.exception())
-        asyncio.ensure_future(ws.send(json.dumps({"type": "ack", "ids": ids})))
+        async def send() -> None:
+            with contextlib.suppress(ConnectionError, ConnectionClosed):
+                answer = await self._send({"type": "ack", "ids": ids})
+                answer.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+        asyncio.ensure_future(send())
 
     async def ack(self, ids: list[int]) -> int:
         """Acknowledge notifications (with auto_ack=False): how many the node removed."""

@@ -11,6 +11,7 @@ often than the node allows (`interval`, plus 5 seconds at each `slow_down`).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
@@ -21,6 +22,8 @@ from presence_client import jws
 from presence_client.credentials import Credentials, derive_ws_url
 from presence_client.errors import PairingError, RequestError, Revoked
 from presence_client.http import request_json
+
+log = logging.getLogger("presence_client.pairing")
 
 SLOW_DOWN_STEP = 5.0
 
@@ -82,8 +85,14 @@ async def wait_for_approval(http_url: str, code: PairingCode, sleep: Callable[[f
     deadline = clock() + code.expires_in
     while True:
         await sleep(interval)
-        status, answer, _ = await request_json("POST", http_url.rstrip("/") + "/pair/token",
-                                               {"device_code": code.device_code})
+        try:
+            status, answer, _ = await request_json("POST", http_url.rstrip("/") + "/pair/token",
+                                                   {"device_code": code.device_code})
+        except OSError as e:   # the node restarts, or the network blinks: poll again until the code expires
+            log.info("polling for the approval failed (%s); trying again", e)
+            if clock() > deadline:
+                raise PairingError("expired_token", "the code expired before the node could be reached: pair again") from e
+            continue
         if status == 200:
             return answer
         error = answer.get("error") if isinstance(answer, dict) else None
