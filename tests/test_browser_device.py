@@ -241,6 +241,56 @@ def helpers(browser: Any, base: str) -> dict[str, Any]:
     return result
 
 
+def refusals(browser: Any, base: str) -> dict[str, Any]:
+    """A node played by Playwright's websocket routing: the first connect is refused with errno 50
+    and left open (the store did not answer), the second accepted; then a revocation's errno 16."""
+    import json
+
+    page = browser.new_page()
+    connects: list[int] = []
+
+    def node(ws: Any) -> None:
+        def on_message(message: str) -> None:
+            request = json.loads(message)
+            if request.get("type") == "connect":
+                connects.append(1)
+                if len(connects) == 1:
+                    ws.send(json.dumps({"result": "KO", "errno": 50, "error": "the store did not answer"}))
+                elif len(connects) == 2:
+                    ws.send(json.dumps({"result": True, "session_id": "s2"}))
+                else:
+                    ws.send(json.dumps({"result": "KO", "errno": 16, "error": "revoked"}))
+                    ws.close(code=4002, reason="revoked")
+            elif request.get("type") == "status":
+                ws.send(json.dumps({"result": "OK"}))
+        ws.on_message(on_message)
+
+    page.route_web_socket("ws://127.0.0.1:9/presence", node)
+    page.goto(base + "/presence-device.js")
+    result = page.evaluate("""async () => {
+      const m = await import('/presence-device.js');
+      const device = new m.PresenceDevice({ws: 'ws://127.0.0.1:9/presence', node: location.origin,
+        assertion: async () => 'certificate~assertion', retryBaseSeconds: 0.05, retryMaxSeconds: 0.1,
+        systemNotifications: false, storage: null, device: 'test'});
+      const states = [];
+      const reached = (state) => new Promise((resolve, reject) => {
+        const check = () => { if (device.state === state) { resolve(); return true; } return false; };
+        if (!check()) { device.addEventListener('statechange', () => { check(); }); }
+        setTimeout(() => reject(new Error('never ' + state + ': ' + states.join(' '))), 5000);
+      });
+      device.addEventListener('statechange', () => states.push(device.state));
+      device.start();
+      await reached('connected');
+      const connected = device.connections;
+      device.socket.close();               // dropped: it connects again, and is refused as revoked
+      await reached('revoked');
+      device.stop();
+      return {connected, states};
+    }""")
+    page.close()
+    return {**result, "connects": len(connects)}
+
+
 # -- the tests --------------------------------------------------------------------------------------
 
 @pytest_twisted.ensureDeferred
@@ -263,6 +313,20 @@ async def test_the_device_modules_helpers_in_chromium():
     assert got["b64"] == "-_8A"
     assert got["certificate"] == {"exp": 42, "principal": {"email": "a@b.c"}}
     assert "PresenceDevice" in got["exports"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_browser_device_retries_a_refusal_left_open_and_stops_when_revoked():
+    port = reactor.listenTCP(0, Site(Module()), interface="127.0.0.1")
+    browser = BrowserThread()
+    try:
+        await browser.start()
+        got = await browser.run(refusals, browser.browser, f"http://127.0.0.1:{port.getHost().port}")
+    finally:
+        browser.stop()
+        await port.stopListening()
+    assert got["connected"] == 1 and got["connects"] == 3, got
+    assert got["states"][-2:] == ["revoked", "stopped"] and "connected" in got["states"], got
 
 
 @pytest_twisted.ensureDeferred

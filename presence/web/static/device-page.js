@@ -13,6 +13,7 @@ const device = new PresenceDevice({ idleSeconds: seconds("idle", 300), retryMaxS
 window.presenceDevice = device;   // for people debugging, and the tests
 
 const $ = (id) => document.getElementById(id);
+const MAX_SHOWN = 100;   // notifications listed on the page at most (the oldest go first)
 const STATES = {
   "signed-out": "signed out", connecting: "connecting…", connected: "connected", waiting: "disconnected, retrying",
   revoked: "revoked on /me: this browser no longer reports your status", replaced: "running in another tab",
@@ -85,6 +86,7 @@ device.addEventListener("notification", (event) => {
   item.appendChild(body);
   const list = $("device-notifications");
   list.insertBefore(item, list.firstChild);
+  while (list.children.length > MAX_SHOWN) { list.removeChild(list.lastChild); }   // a tab open for weeks
   list.hidden = false;
   $("device-no-notifications").hidden = true;
   if (!system) { ack(); }   // shown here, on the page: acknowledged

@@ -371,7 +371,16 @@ export class PresenceDevice extends EventTarget {
       const connect = { type: "connect", assertion, device: this.device };
       if (this.applicationIds) { connect.application_ids = this.applicationIds; }
       this._request(connect, (reply) => {
-        if (reply.result !== true) { this._refusal = reply; return; }
+        if (reply.result !== true) {
+          // Closed by the node for an assertion it refused (4002); a refusal it leaves open (errno
+          // 50: its store did not answer) is closed here, so onclose decides: retry, revoked, signed out.
+          this._refusal = reply;
+          const closedByNode = reply.errno >= 10 && reply.errno <= 16;   // assertion refusals: 4002 follows
+          if (!closedByNode) {
+            try { socket.close(1000); } catch (e) { /* already closing */ }
+          }
+          return;
+        }
         this._attempt = 0;
         this._refused = null;
         this.sessionId = reply.session_id;
