@@ -10,7 +10,7 @@ import re
 
 from twisted.internet.interfaces import IReactorTime
 
-from presence import errors
+from presence import changelog, errors
 from presence.batching import Grouped
 from presence.errors import PresenceError
 from presence.keys import hash_key, key_matches, new_id, new_key
@@ -37,11 +37,16 @@ def validate_domain(domain: str, allow_port: bool = False) -> str:
     return domain
 
 
+ROTATED = "the API key was rotated"
+DEACTIVATED = "the application was deactivated"
+
+
 class Applications:
-    def __init__(self, store: Store, clock: IReactorTime, allow_ports: bool = False):
+    def __init__(self, store: Store, clock: IReactorTime, allow_ports: bool = False, origin: str = "presence-admin"):
         self.store = store
         self.clock = clock
         self.allow_ports = allow_ports
+        self.origin = origin   # who logs the closing of an application's streams (a node, or the admin)
         # Applications connect in bursts (a node restarts, a load balancer moves them): their
         # lookups share round trips.
         self._lookup = Grouped(self._lookup_batch)
@@ -68,11 +73,20 @@ class Applications:
         if app.state == PENDING:
             raise ValueError("verify the application's domain before activating it")
         key = new_key()
-        app = await self.store.set_api_key(app.id, hash_key(key), self.clock.seconds())
+        now = self.clock.seconds()
+        app = await self.store.set_api_key(app.id, hash_key(key), now, self._closing(app, ROTATED, now))
         return app, key
 
     async def deactivate(self, app: App) -> App:
-        return await self.store.deactivate(app.id)
+        return await self.store.deactivate(app.id, self._closing(app, DEACTIVATED, self.clock.seconds()))
+
+    def _closing(self, app: App, reason: str, now: float) -> tuple[str, float, str] | None:
+        """What closes the application's streams on every node (close 4006), logged by the store in
+        the transaction that rotates the key or deactivates it, if it was active: both, or neither.
+        The node that logs it closes its own streams (presence.hub skips its own log entries)."""
+        if not app.app_id:
+            return None
+        return self.origin, now, changelog.encode([], extras=[{"close_app": [app.app_id, errors.CLOSE_REVOKED, reason]}])
 
     async def authenticate(self, app_id: str, key: object) -> App:
         """The application stream's check: raises a PresenceError with the errno and close code to use."""

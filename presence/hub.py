@@ -157,12 +157,6 @@ class Hub:
 
         await self._change(email, put)
 
-    async def close_application(self, app_id: str, code: int, reason: str) -> None:
-        """Close the application's streams on every node (deactivated, deleted)."""
-        self.streams.close_app(app_id, code, reason)
-        await self.store.log_change(self.node, self.clock.seconds(),
-                                    changelog.encode([], extras=[{"close_app": [app_id, code, reason]}]))
-
     async def revoke_pairing(self, email: str, pairing: str) -> Any:
         """Revoke the person's paired device: its row goes and its connection closes on every node,
         both in one transaction (the log entry that closes it elsewhere); None if it was not theirs."""

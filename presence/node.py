@@ -94,7 +94,7 @@ class Node(Service):
         self._rejoining: Deferred | None = None
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = reactor
-        self.apps = Applications(self.store, reactor, allow_ports=config.insecure_identity)
+        self.apps = Applications(self.store, reactor, allow_ports=config.insecure_identity, origin=self.incarnation)
         self.notifier = Notifier(self.store, self.hub, reactor, self.incarnation, limit=config.notify_queue,
                                  ttl=config.notify_ttl, rate=config.notify_rate, burst=config.notify_burst,
                                  max_batch=config.notify_batch, metrics=self.metrics)
@@ -297,6 +297,7 @@ class Node(Service):
         self.incarnation = name
         for part in (self.streams, self.hub, self.notifier, self.cluster):
             part.node = name
+        self.apps.origin = name
 
     def _beat(self) -> Deferred:
         return ensureDeferred(self.cluster.beat())

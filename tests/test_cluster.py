@@ -253,3 +253,14 @@ async def test_a_device_revoked_on_one_node_s_page_is_closed_on_another_and_refu
     assert await desk.closed.addTimeout(10, reactor) == errors.CLOSE_DEVICE_REVOKED   # heard through the log
     again, answer = await connect()
     assert answer["errno"] == errors.PAIRING_REVOKED and await again.closed == errors.CLOSE_AUTH_FAILED
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_key_rotated_by_the_operator_closes_the_application_s_streams_on_every_node(cluster):
+    from presence import errors
+
+    app, key = await cluster.app("alice@example.com")
+    streams = [await cluster.stream(node, app, key) for node in ("a", "b")]
+    await cluster.apps.activate(app)     # what presence-admin apps activate does to an active application
+    for stream in streams:
+        assert await stream.closed.addTimeout(10, reactor) == errors.CLOSE_REVOKED

@@ -247,14 +247,17 @@ async def test_the_person_s_page_counts_as_a_device_that_outlives_node_stops(sql
 
 @pytest_twisted.ensureDeferred
 async def test_closing_an_application_reaches_its_streams_on_other_nodes(sqlite_store):
+    from presence.apps import DEACTIVATED
+
     w = World(sqlite_store)
     app, peer = await w.app("app")
+    active, _ = await w.apps.activate(await sqlite_store.get_app(app))
     seen = await sqlite_store.last_change()
-    b = w.other_node()
-    await b.close_application(app, errors.CLOSE_REVOKED, "deactivated")
+    # deactivated by node b (its pages): the closing is logged with the deactivation, for every node
+    await Applications(sqlite_store, w.clock, origin="node-b").deactivate(active)
     for change in await sqlite_store.changes_since(seen):
         w.hub.apply(change)
-    assert peer.closed == (errors.CLOSE_REVOKED, "deactivated")
+    assert peer.closed == (errors.CLOSE_REVOKED, DEACTIVATED)
 
 
 @pytest_twisted.ensureDeferred

@@ -35,17 +35,17 @@ async def site():
 
 
 class Closed:
-    """Records Hub.close_application calls (it closes the application's streams on every node)."""
+    """The closings of applications' streams the log holds for every node (presence.apps logs them
+    in the transaction that rotates the key or deactivates the application)."""
 
     def __init__(self, web: WebNode):
-        self.calls: list[tuple[str, int, str]] = []
-        original = web.node.hub.close_application
+        self.store = web.store
 
-        async def close_application(app_id: str, code: int, reason: str) -> None:
-            self.calls.append((app_id, code, reason))
-            await original(app_id, code, reason)
+    async def calls(self) -> list[tuple[str, int, str]]:
+        from presence import changelog
 
-        web.node.hub.close_application = close_application
+        return [tuple(extra["close_app"]) for change in await self.store.changes_since(0)
+                for extra in changelog.decode(change.payload, change.seq)[2] if "close_app" in extra]
 
 
 async def register(browser, domain="example.com", name="Example", description="An example") -> int:
@@ -261,20 +261,20 @@ async def test_rotate_and_deactivate_close_the_applications_streams(web, site):
     browser = await web.signed_in("dev@example.com")
     app_id = await verified_app(web, browser, site)
     first = key_in(await follow(browser, await browser.post(f"/myapps/{app_id}/activate")), f"api-key-{app_id}")
-    assert closed.calls == []  # nothing to close on a first activation
+    assert await closed.calls() == []  # nothing to close on a first activation
     rotated = await follow(browser, await browser.post(f"/myapps/{app_id}/rotate"))
     assert "Rotated: the old API key no longer works" in rotated.text
     second = key_in(rotated, f"api-key-{app_id}")
     app = await web.store.get_app_by_id(app_id)
     assert second != first and app.api_key_hash == hash_key(second)
-    assert closed.calls == [(app.app_id, errors.CLOSE_REVOKED, "the API key was rotated")]
+    assert await closed.calls() == [(app.app_id, errors.CLOSE_REVOKED, "the API key was rotated")]
     with pytest.raises(PresenceError) as e:
         await web.node.apps.authenticate(app.app_id, first)
     assert e.value.errno == errors.BAD_KEY
 
     page = await browser.post(f"/myapps/{app_id}/deactivate")
     assert page.location == f"/myapps?done=deactivated#app-{app_id}"
-    assert closed.calls[-1] == (app.app_id, errors.CLOSE_REVOKED, "the application was deactivated")
+    assert (await closed.calls())[-1] == (app.app_id, errors.CLOSE_REVOKED, "the application was deactivated")
     app = await web.store.get_app_by_id(app_id)
     assert app.state == VERIFIED and app.api_key_hash is None
     with pytest.raises(PresenceError) as e:

@@ -264,12 +264,15 @@ class Store(Protocol):
     async def mark_verified(self, id: int, app_id: str, now: float) -> App:
         """PENDING -> VERIFIED with the given app_id; an already verified app is returned unchanged."""
 
-    async def set_api_key(self, id: int, api_key_hash: str, now: float) -> App:
+    async def set_api_key(self, id: int, api_key_hash: str, now: float,
+                          log: tuple[str, float, str] | None = None) -> App:
         """VERIFIED or ACTIVE -> ACTIVE with this key hash (activate and rotate). KeyError if unknown,
-        ValueError if still PENDING."""
+        ValueError if still PENDING. ``log`` (origin, time, payload) is logged in the same
+        transaction if the application was active (a rotation closes its streams everywhere)."""
 
-    async def deactivate(self, id: int) -> App:
-        """ACTIVE -> VERIFIED, key hash and activated_at cleared; any other state is returned unchanged."""
+    async def deactivate(self, id: int, log: tuple[str, float, str] | None = None) -> App:
+        """ACTIVE -> VERIFIED, key hash and activated_at cleared; any other state is returned unchanged.
+        ``log`` as for set_api_key."""
 
     async def delete_app(self, id: int) -> None:
         """Removes the app, its grants and its pending updates."""

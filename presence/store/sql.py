@@ -158,27 +158,41 @@ class SQLStore(ChangeQueries, NotificationQueries, PairingQueries, PeopleQueries
             )
         )
 
-    async def set_api_key(self, id: int, api_key_hash: str, now: float) -> App:
+    def _closing(self, id: int, log: tuple[str, float, str] | None):
+        """Log ``log`` (origin, time, payload: what closes the application's streams on every node)
+        if the application is active: in the transaction that rotates its key or deactivates it."""
+        if log is None:
+            return
+        rows = yield "SELECT state FROM applications WHERE id = ?", (id,)
+        if rows and rows[0][0] == ACTIVE:
+            yield from self._log(*log)
+
+    async def set_api_key(self, id: int, api_key_hash: str, now: float,
+                          log: tuple[str, float, str] | None = None) -> App:
         # activated_at records when the app became ACTIVE; rotating the key keeps it.
-        return await self._transaction(
-            self._transition(
+        def interaction():
+            yield from self._closing(id, log)
+            return (yield from self._transition(
                 "state = ?, api_key_hash = ?, activated_at = COALESCE(activated_at, ?)"
                 " WHERE id = ? AND state IN (?, ?)",
                 (ACTIVE, api_key_hash, now, id, VERIFIED, ACTIVE),
                 id,
                 refuse={PENDING: "application {id} is not verified yet: it cannot get an API key"},
-            )
-        )
+            ))
 
-    async def deactivate(self, id: int) -> App:
-        return await self._transaction(
-            self._transition(
+        return await self._transaction(interaction())
+
+    async def deactivate(self, id: int, log: tuple[str, float, str] | None = None) -> App:
+        def interaction():
+            yield from self._closing(id, log)
+            return (yield from self._transition(
                 "state = ?, api_key_hash = NULL, activated_at = NULL WHERE id = ? AND state = ?",
                 (VERIFIED, id, ACTIVE),
                 id,
                 refuse={},
-            )
-        )
+            ))
+
+        return await self._transaction(interaction())
 
     async def delete_app(self, id: int) -> None:
         def interaction():

@@ -12,7 +12,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from presence import errors
-from presence.apps import MAX_DESCRIPTION, MAX_NAME, validate_domain
+from presence.apps import DEACTIVATED, MAX_DESCRIPTION, MAX_NAME, ROTATED, validate_domain
 from presence.store.base import ACTIVE, PENDING
 from presence.web.common import Problem, arg, redirect, when, with_query
 
@@ -113,9 +113,9 @@ class DeveloperPages:
         if app.state == PENDING:
             raise Problem(400, "Verify the application's domain before activating it.")
         was_active = app.state == ACTIVE
-        app, key = await self.site.apps.activate(app)
+        app, key = await self.site.apps.activate(app)   # a rotation closes the streams on every other node
         if was_active:
-            await self.site.hub.close_application(app.app_id, errors.CLOSE_REVOKED, "the API key was rotated")
+            self.site.hub.streams.close_app(app.app_id, errors.CLOSE_REVOKED, ROTATED)
         log.info("{developer} {what} application {app_id}", developer=developer, app_id=app.app_id,
                  what="rotated the API key of" if was_active else "activated", event="web.app_activated")
         self.site.sessions.hand_over_key(request, app.id, key)
@@ -124,8 +124,8 @@ class DeveloperPages:
     async def deactivate(self, request: Any, developer: str, id: str) -> bytes:
         app = await self._own(request, developer, id)
         if app.state == ACTIVE:
-            app = await self.site.apps.deactivate(app)
-            await self.site.hub.close_application(app.app_id, errors.CLOSE_REVOKED, "the application was deactivated")
+            app = await self.site.apps.deactivate(app)   # and closes its streams on every other node
+            self.site.hub.streams.close_app(app.app_id, errors.CLOSE_REVOKED, DEACTIVATED)
             log.info("{developer} deactivated application {app_id}", developer=developer, app_id=app.app_id,
                      event="web.app_deactivated")
         return redirect(request, with_query("/myapps", done="deactivated") + f"#app-{app.id}")
