@@ -59,6 +59,17 @@ def database_url(request, tmp_path):
 
 
 @pytest_twisted.async_yield_fixture
+async def store(database_url):
+    """An open store of each backend (a test that needs more than the store opens its own)."""
+    from presence.store import open_store
+
+    opened = open_store(database_url)
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+@pytest_twisted.async_yield_fixture
 async def sqlite_store(sqlite_url):
     """An open SQLite store in a temporary file."""
     from presence.store import open_store

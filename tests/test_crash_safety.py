@@ -31,15 +31,6 @@ from tests.fakes import ListPeer
 from tests.wsclient import WSClient
 
 
-@pytest_twisted.async_yield_fixture
-async def store(database_url):
-    """An open store of each backend (a test that needs more than the store opens its own)."""
-    opened = open_store(database_url)
-    await opened.open()
-    yield opened
-    await opened.close()
-
-
 
 async def sleep(seconds: float) -> None:
     await deferLater(reactor, seconds, lambda: None)

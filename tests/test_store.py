@@ -28,14 +28,6 @@ LATEST = migrations.Scripts(migrations.schema_dir("sqlite")).latest
 assert LATEST == migrations.Scripts(migrations.schema_dir("postgres")).latest >= 2
 
 
-@pytest_twisted.async_yield_fixture
-async def store(database_url):
-    s = open_store(database_url)
-    await s.open()
-    yield s
-    await s.close()
-
-
 async def reopen(url, schema_dir=None):
     s = open_store(url)
     if schema_dir is not None:

@@ -6,16 +6,8 @@ from __future__ import annotations
 import pytest_twisted
 
 from presence import changelog
-from presence.store import PersonState, open_store
+from presence.store import PersonState
 from tests.test_store import active_app, dev, drop, put
-
-
-@pytest_twisted.async_yield_fixture
-async def store(database_url):
-    s = open_store(database_url)
-    await s.open()
-    yield s
-    await s.close()
 
 
 async def all_pages(store, app_id, limit):

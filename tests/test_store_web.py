@@ -10,14 +10,6 @@ from presence.store import open_store
 from presence.store.base import LoginLink, Verification, WebSession
 
 
-@pytest_twisted.async_yield_fixture
-async def store(database_url):
-    s = open_store(database_url)
-    await s.open()
-    yield s
-    await s.close()
-
-
 @pytest_twisted.ensureDeferred
 async def test_a_login_token_works_once(store):
     await store.add_login_token("h1", "alice@example.com", "/myapps", 10.0, 100.0)

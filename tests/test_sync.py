@@ -11,19 +11,10 @@ from twisted.internet.task import Clock
 from presence import errors
 from presence.apps import Applications
 from presence.hub import Hub
-from presence.store import open_store
 from presence.streams import Streams
 from presence.sync import Syncer, state_messages
 from presence.store.base import PersonState
 from tests.fakes import ListPeer
-
-
-@pytest_twisted.async_yield_fixture
-async def store(database_url):
-    s = open_store(database_url)
-    await s.open()
-    yield s
-    await s.close()
 
 
 class World:
