@@ -17,7 +17,7 @@ import io
 import re
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest_twisted
 import treq
@@ -293,16 +293,21 @@ def refusals(browser: Any, base: str) -> dict[str, Any]:
 
 # -- the tests --------------------------------------------------------------------------------------
 
-@pytest_twisted.ensureDeferred
-async def test_the_device_modules_helpers_in_chromium():
+async def in_chromium(scenario: Callable[[Any, str], dict[str, Any]]) -> dict[str, Any]:
+    """``scenario(browser, base)`` run in Chromium, with the module served alone at ``base``."""
     port = reactor.listenTCP(0, Site(Module()), interface="127.0.0.1")
     browser = BrowserThread()
     try:
         await browser.start()
-        got = await browser.run(helpers, browser.browser, f"http://127.0.0.1:{port.getHost().port}")
+        return await browser.run(scenario, browser.browser, f"http://127.0.0.1:{port.getHost().port}")
     finally:
         browser.stop()
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_device_modules_helpers_in_chromium():
+    got = await in_chromium(helpers)
     assert got["backoff"] == [999, 4000, 59940, 0]  # full jitter: uniform below min(max, base * 2^n)
     assert got["outcomes"] == ["revoked", "revoked", "signed-out", "signed-out", "retry", "replaced", "retry",
                                "retry", "retry", "retry"]
@@ -317,14 +322,7 @@ async def test_the_device_modules_helpers_in_chromium():
 
 @pytest_twisted.ensureDeferred
 async def test_the_browser_device_retries_a_refusal_left_open_and_stops_when_revoked():
-    port = reactor.listenTCP(0, Site(Module()), interface="127.0.0.1")
-    browser = BrowserThread()
-    try:
-        await browser.start()
-        got = await browser.run(refusals, browser.browser, f"http://127.0.0.1:{port.getHost().port}")
-    finally:
-        browser.stop()
-        await port.stopListening()
+    got = await in_chromium(refusals)
     assert got["connected"] == 1 and got["connects"] == 3, got
     assert got["states"][-2:] == ["revoked", "stopped"] and "connected" in got["states"], got
 
