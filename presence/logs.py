@@ -21,6 +21,7 @@ EVENTS: dict[str, str] = {
     "node.stopping": "a clean stop began (SIGTERM/SIGINT)",
     "node.stopped": "the clean stop finished; the store is closed",
     "node.start_failed": "the node could not start (a traceback follows)",
+    "node.exit_failed": "after node.start_failed, twistd's node stops and exits with status 1 (a supervisor restarts it)",
     "node.recovered": "people marked offline at start whose devices were here when the node last crashed (n)",
     "store.unavailable": "the store cannot be opened at start; retrying (why, delay)",
     "store.connection_lost": "the PostgreSQL connection dropped; the next call reconnects (where)",

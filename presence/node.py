@@ -14,8 +14,11 @@ drain-time + grace + a few seconds.
 
 from __future__ import annotations
 
+import atexit
 import gc
+import os
 import re
+import sys
 from typing import Any
 
 from twisted.application.service import Service
@@ -62,8 +65,19 @@ def make_verifier(config: Config, clock: Any, http_client: Any = None, issuer: A
 # gc's third threshold: this many middle-generation collections before a full one (never, in practice).
 NO_AUTOMATIC_FULL_COLLECTION = 1_000_000_000
 
+def _exit_failed() -> None:
+    """The process's last act after a start that failed: twistd's clean stop is done (logs, pid
+    file), and it would exit 0; a supervisor must see a failure."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
 class Node(Service):
     name = "presence-node"
+    # twistd's node (presence.tap) exits with status 1 when its start fails for a reason it does
+    # not retry (a port taken, a bad option); nodes built in process (tests) leave that to the caller.
+    exit_on_start_failure = False
 
     def __init__(self, config: Config, reactor: Any = None, verifier: Any = None, store: Any = None):
         if reactor is None:
@@ -170,8 +184,15 @@ class Node(Service):
         self._started.addErrback(self._start_failed)
 
     def _start_failed(self, failure) -> None:
-        if not self._stopping:
-            log.failure("the node could not start", failure, event="node.start_failed")
+        if self._stopping:
+            return
+        log.failure("the node could not start", failure, event="node.start_failed")
+        if self.exit_on_start_failure:
+            # Up but listening on nothing, it would look alive to its supervisor and serve no one.
+            log.error("the node exits (status 1) so that its supervisor starts it again; fix what the"
+                      " traceback above says first", event="node.exit_failed")
+            atexit.register(_exit_failed)
+            self.reactor.stop()
 
     async def start(self) -> None:
         from presence.web.health import Front

@@ -161,5 +161,7 @@ def makeService(options: Options | Config, reactor: Any = None) -> IServiceColle
     from presence.node import Node
 
     top = MultiService()
-    Node(config, reactor=reactor).setServiceParent(top)
+    node = Node(config, reactor=reactor)
+    node.exit_on_start_failure = True
+    node.setServiceParent(top)
     return top

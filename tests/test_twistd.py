@@ -123,3 +123,33 @@ async def test_presence_tac_runs_the_same_node_from_the_environment(tmp_path):
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
     assert (tmp_path / "tac.sqlite").exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_that_cannot_start_exits_with_status_1_so_its_supervisor_restarts_it(tmp_path):
+    """Its websocket port is taken by another process: a node that logged the failure and stayed up
+    listening on nothing would look alive to systemd (Restart=on-failure) and serve no one."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ws = taken.getsockname()[1]
+    process = subprocess.Popen(
+        [twistd(), "-n", "--pidfile=", "presence", "--web", f"tcp:{free_port()}:interface=127.0.0.1",
+         "--ws", f"tcp:{ws}:interface=127.0.0.1", "--database", f"sqlite:{tmp_path / 'presence.sqlite'}"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        for _ in range(300):
+            if process.poll() is not None:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        output = process.stdout.read() if process.poll() is not None else ""
+        assert process.poll() == 1, output
+        assert "the node could not start" in output and "exits (status 1)" in output, output
+    finally:
+        taken.close()
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
