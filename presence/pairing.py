@@ -6,14 +6,21 @@ names) the device, its next poll takes a long-lived certificate for its key that
 (``presence-pairing``); it renews it while it is valid. Revoking the pairing on ``/me`` deletes its
 row: the device's next connect and renewal are refused, and its live connection is closed on every
 node (presence.hub). Codes are single-use, short-lived, rate-limited and kept only as hashes.
+
+A browser on another origin (an application's page, ``static/presence-pairing.js``) pairs without
+codes: the node's popup ``/pair/browser`` shows the person the origin that asks (the browser's
+``event.origin``), and their approval there, signed in and with the pages' CSRF token, pairs the
+key the page made directly (``pair_browser``), named after that origin.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import secrets
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from presence.identity import Identity, Issuer
 from presence.identity import jws
@@ -29,6 +36,8 @@ CLAIM = "presence-pairing"
 SLOW_DOWN_STEP = 5
 CODES_PER_PERSON = 10   # codes one person (or client address) may submit per code lifetime
 CODES_TOTAL = 1000      # codes submitted to this node per code lifetime, by everyone
+BROWSERS_PER_PERSON = 10  # browsers one person may pair through the popup per code lifetime
+MAX_BROWSER_NAME_TRIES = 50
 
 
 def new_user_code() -> str:
@@ -53,6 +62,47 @@ def clean_name(value: Any) -> str | None:
     if not 0 < len(name) <= MAX_NAME or not name.isprintable():
         return None
     return name
+
+
+def browser_origin(value: Any) -> str | None:
+    """``value`` if it is an origin as a browser's ``event.origin`` spells it (``scheme://host[:port]``,
+    lower case, no default port, nothing else), https or, on loopback only, http (a page that
+    WebCrypto works on); None otherwise ("null", file:, a path, a user name...)."""
+    if not isinstance(value, str) or not 0 < len(value) <= 300 or not value.isascii():
+        return None
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        return None
+    host = parts.hostname or ""
+    if parts.scheme not in ("http", "https") or not host or parts.username is not None or parts.password is not None:
+        return None
+    if ":" in host:
+        try:
+            host = f"[{ipaddress.IPv6Address(host).compressed}]"
+        except ValueError:
+            return None
+    elif not all(c.isalnum() or c in "-." for c in host):
+        return None
+    loopback = host == "localhost" or host.endswith(".localhost")
+    try:
+        loopback = loopback or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    if parts.scheme == "http" and not loopback:
+        return None
+    default = {"http": 80, "https": 443}[parts.scheme]
+    origin = f"{parts.scheme}://{host}" + (f":{port}" if port is not None and port != default else "")
+    return origin if origin == value else None
+
+
+def browser_device_name(origin: str, label: Any = None) -> str:
+    """The name a browser paired from ``origin`` gets: its host (and port) first, so that the page
+    cannot pass for another device; the page's own label, if any, in parentheses."""
+    host = origin.split("://", 1)[1]
+    label = clean_name(label) if label is not None else None
+    return f"{host} ({label or 'browser'})"[:MAX_NAME].strip()
 
 
 class PairingError(Exception):
@@ -103,6 +153,7 @@ class Pairing:
         self.codes_per_person = KeyedLimit(CODES_PER_PERSON, window, clock)
         self.codes_per_client = KeyedLimit(CODES_PER_PERSON, window, clock)
         self.codes_total = KeyedLimit(CODES_TOTAL, window, clock)
+        self.browsers_per_person = KeyedLimit(BROWSERS_PER_PERSON, window, clock)
 
     # -- the device ------------------------------------------------------------------------------------
     async def start(self, public_key: Any, name: Any, client: str) -> dict[str, Any]:
@@ -166,6 +217,31 @@ class Pairing:
         """Count a code submitted on /me/pair, right or wrong, before it is looked up (so a guess
         that hits is refused like any other past the limit); the seconds to wait, or 0."""
         return self.codes_per_person.take(email) or self.codes_per_client.take(client) or self.codes_total.take()
+
+    async def pair_browser(self, email: str, public_key: Any, origin: Any, label: Any = None) -> dict[str, Any]:
+        """``POST /pair/browser``: the person approved, in the node's popup, the page of ``origin``
+        as one of their devices: pair its key at once and answer as ``/pair/token`` does."""
+        checked = browser_origin(origin)
+        if checked is None:
+            raise PairingError("invalid_request", "origin must be an https origin (http on loopback only)")
+        try:
+            key = jws.public_key_to_json(jws.public_key_from_json(public_key), self.key_format)
+        except (ValueError, TypeError) as e:
+            raise PairingError("invalid_request", f"publicKey cannot be used ({e})") from None
+        if label is not None and clean_name(label) is None:
+            raise PairingError("invalid_request", f"name must be 1 to {MAX_NAME} printable characters")
+        wait = self.browsers_per_person.take(email)
+        if wait:
+            raise PairingError("slow_down", "too many browsers paired; try again later", 429, wait)
+        now = self.clock.seconds()
+        base = browser_device_name(checked, label)
+        for attempt in range(1, MAX_BROWSER_NAME_TRIES + 1):
+            suffix = "" if attempt == 1 else f" {attempt}"
+            name = base[:MAX_NAME - len(suffix)].rstrip() + suffix
+            device = await self.store.add_paired_device(new_id(), email, name, json.dumps(key), now)
+            if device is not None:
+                return self.certificate(device, now)
+        raise PairingError("invalid_request", "too many devices of this name: revoke some on /me first", 409)
 
     async def pending(self, user_code: str) -> Any:
         return await self.store.get_pairing_request(hash_key(user_code), self.clock.seconds())

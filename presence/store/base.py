@@ -435,6 +435,10 @@ class Store(Protocol):
     async def poll_pairing(self, device_hash: str, now: float, interval: float) -> PairingAnswer:
         """A device's poll; a decided request's answer is taken once."""
 
+    async def add_paired_device(self, pairing_id: str, email: str, name: str, public_key: str,
+                                now: float) -> PairedDevice | None:
+        """Pair a device directly (the browser pairing popup); None if the name is the person's already."""
+
     async def touch_paired_device(self, pairing_id: str, email: str, now: float) -> PairedDevice | None:
         """Note the device seen now; None if it is not paired (revoked)."""
 

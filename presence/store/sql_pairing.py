@@ -92,6 +92,16 @@ class PairingQueries:
 
         return await self._transaction(interaction())
 
+    async def add_paired_device(self, pairing_id: str, email: str, name: str, public_key: str,
+                                now: float) -> PairedDevice | None:
+        """A device paired directly (a browser the person approved in the pairing popup): None if the
+        person already has a device of that name (the unique index decides, on any node)."""
+        rows = await self._query(
+            f"INSERT INTO paired_devices ({PAIRED_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
+            f" ON CONFLICT (email, name) DO NOTHING RETURNING {PAIRED_COLUMNS}",
+            (pairing_id, email, name, public_key, now, None))
+        return _paired(rows[0]) if rows else None
+
     async def touch_paired_device(self, pairing_id: str, email: str, now: float) -> PairedDevice | None:
         """Note that the device was seen; None if it is not (or no longer) paired to ``email``."""
         rows = await self._query(

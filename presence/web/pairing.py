@@ -2,7 +2,13 @@
 person's pages (``/me/pair`` to approve a code, *Revoke* on ``/me``). The rules are presence.pairing.
 
 The device's calls carry no cookie and need no CSRF token: they act on nothing of a signed-in
-person. Their errors are RFC 8628's: ``{"error": "<code>", "error_description": "..."}``.
+person. Their errors are RFC 8628's: ``{"error": "<code>", "error_description": "..."}``. They answer
+CORS (``Access-Control-Allow-Origin: *``, no credentials), so that a browser device on another origin
+(``static/presence-pairing.js``) can renew its certificate.
+
+``/pair/browser`` is the popup such a page opens: the signed-in person sees the origin that asks (the
+browser's ``event.origin``, never a parameter) and approves; its POST (session cookie, CSRF token, no
+CORS) pairs the page's key at once. The page refuses to be framed and runs only its own script.
 """
 
 from __future__ import annotations
@@ -17,6 +23,18 @@ from presence.pairing import Pairing, PairingError, clean_name, normalize_user_c
 from presence.web.common import Problem, ago, arg, read_json, redirect, send_json, when, with_query
 
 log = Logger()
+
+# The popup: its own script and stylesheet only, nothing framing it, forms and fetches to this origin.
+POPUP_CSP = (b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self';"
+             b" form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+CORS = {b"access-control-allow-origin": b"*"}
+PREFLIGHT = {**CORS, b"access-control-allow-methods": b"POST", b"access-control-allow-headers": b"content-type",
+             b"access-control-max-age": b"600"}
+
+
+def cors(request: Any, headers: dict[bytes, bytes] = CORS) -> None:
+    for name, value in headers.items():
+        request.setHeader(name, value)
 
 
 class PairingPages:
@@ -62,6 +80,32 @@ class PairingPages:
             answer = await self.pairing.renew(identity)
         except PairingError as e:
             return self._answer(request, e)
+        return send_json(request, 200, answer)
+
+    def preflight(self, request: Any) -> bytes:
+        """OPTIONS on the device's calls: any origin may POST JSON, without credentials."""
+        cors(request, PREFLIGHT)
+        request.setResponseCode(204)
+        return b""
+
+    # -- a browser on another origin: the popup ------------------------------------------------------
+    async def popup(self, request: Any, email: str) -> bytes:
+        """GET /pair/browser: the consent page (its script, static/pair-browser.js, does the talking)."""
+        body = await self.site.page(request, "pair-browser.html", email=email)
+        request.setHeader(b"content-security-policy", POPUP_CSP)
+        request.setHeader(b"x-frame-options", b"DENY")
+        return body
+
+    async def pair_browser(self, request: Any, email: str) -> bytes:
+        """POST /pair/browser ``{publicKey, origin, name}``: the person approved; the answer is
+        /pair/token's, which the popup posts to that origin only."""
+        try:
+            body = self._body(request)
+            answer = await self.pairing.pair_browser(email, body.get("publicKey"), body.get("origin"), body.get("name"))
+        except PairingError as e:
+            return self._answer(request, e)
+        log.info("{email} paired browser device {name} of {origin}", email=email, name=answer["device"],
+                 origin=body.get("origin"), event="pair.browser")
         return send_json(request, 200, answer)
 
     # -- the person ---------------------------------------------------------------------------------------

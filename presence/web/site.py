@@ -17,7 +17,8 @@ idp.py (signing in), developer.py (/myapps) and people.py (the door hanger and /
 | GET, POST /<appid>/grant | the door hanger |
 | GET /me, POST /me/status, POST /me/revoke | the person's page |
 | GET /me/notifications, POST /me/dismiss | waiting notifications (JSON, polled by the page), dismissing one |
-| POST /pair, /pair/token, /pair/renew | a device without a browser pairs (pairing.py, JSON, RFC 8628's manner) |
+| POST /pair, /pair/token, /pair/renew | a device without a browser pairs (pairing.py, JSON, RFC 8628's manner; CORS, no cookie) |
+| GET, POST /pair/browser | the popup where the person lets a page of another origin pair this browser as a device |
 | GET, POST /me/pair, POST /me/unpair | the person approves a device's code; revokes a paired device |
 | GET /device | the browser device: this browser reports the person's status and shows their notifications |
 """
@@ -44,7 +45,7 @@ from presence.web.developer import DeveloperPages
 from presence.web.device import DevicePage
 from presence.web.idp import IdentityProvider, load_issuer, load_secret
 from presence.pairing import Pairing, PairingOptions
-from presence.web.pairing import PairingPages
+from presence.web.pairing import PairingPages, cors
 from presence.web.people import PeoplePages
 from presence.web.session import Sessions
 from presence.web.templates import environment
@@ -213,6 +214,9 @@ class WebSite:
         request.setHeader(b"content-type", content_type)
         request.setHeader(b"x-content-type-options", b"nosniff")
         request.setHeader(b"cache-control", b"no-cache")
+        # another origin's page may import the browser device module (no cookie is involved)
+        request.setHeader(b"access-control-allow-origin", b"*")
+        request.setHeader(b"cross-origin-resource-policy", b"cross-origin")
         return body
 
     # -- signing in ------------------------------------------------------------------------------------------------
@@ -308,11 +312,33 @@ class WebSite:
 
     @app.route("/pair", methods=["POST"])
     async def pair(self, request: Any) -> bytes:
+        cors(request)
         return await self.pairing.start(request)
 
     @app.route("/pair/<any(token,renew):step>", methods=["POST"])
     async def pair_step(self, request: Any, step: str) -> bytes:
+        cors(request)
         return await (self.pairing.token(request) if step == "token" else self.pairing.renew(request))
+
+    @app.route("/pair", methods=["OPTIONS"])
+    @app.route("/pair/<any(token,renew):step>", methods=["OPTIONS"])
+    def pair_preflight(self, request: Any, step: str = "") -> bytes:
+        return self.pairing.preflight(request)
+
+    @app.route("/pair/browser", methods=["GET"])
+    async def pair_browser_page(self, request: Any) -> bytes:
+        email = await self._signed_in(request)
+        if email is None:
+            return self.to_login(request, "/pair/browser")
+        return await self.pairing.popup(request, email)
+
+    @app.route("/pair/browser", methods=["POST"])
+    async def pair_browser(self, request: Any) -> bytes:
+        self._guard(request)
+        email = await self._signed_in(request)
+        if email is None:
+            raise Problem(403, "Sign in to Presence first (the page shows how), then approve again.")
+        return await self.pairing.pair_browser(request, email)
 
     @app.route("/me/notifications", methods=["GET"])
     async def me_notifications(self, request: Any) -> bytes:

@@ -11,7 +11,9 @@
  * Who the person is: the key and certificate Presence's own sign-in pages (presence-id.js) keep in
  * this origin's IndexedDB; the module signs a fresh assertion for the node's audience with that key
  * for every connection. Without one it reports "signed-out" and waits for one (signIn(email) sends
- * the one-time link). A page on another origin passes its own `assertion` function instead.
+ * the one-time link). A page on another origin (option `node`: the node's public URL) pairs this
+ * browser instead, with the person's consent in the node's popup (pairWithPopup(), from a click;
+ * presence-pairing.js), or passes its own `assertion` function.
  *
  * What it reports: "online" while the page is visible and its user gave input (pointer, keyboard,
  * touch, wheel) within `idleSeconds`; "unavailable" once idle that long or as soon as the page is
@@ -21,6 +23,10 @@
  * browser reports them shown; without permission the page gets a `notification` event and
  * acknowledges with event.detail.ack() once it has shown the item itself.
  */
+
+import { BrowserPairing } from "./presence-pairing.js";
+
+export { BrowserPairing, PairingError } from "./presence-pairing.js";
 
 const DB_NAME = "presence-id";          // presence-id.js's database: the same name, version and store
 const DB_STORE = "identities";
@@ -34,6 +40,7 @@ const DEVICE_KEY = "presence-device-id";
 const SEEN_LIMIT = 500;                 // notification ids remembered to drop duplicates
 const SLOW_DOWN_MS = 1000;              // after errno 20 (the status was not applied), try again
 const RETRY_WAIT_FOR_IDENTITY_MS = 3000;
+const RENEW_CHECK_MS = 3600 * 1000;    // a paired browser looks whether its certificate needs renewing
 const INPUT_EVENTS = ["pointerdown", "pointermove", "keydown", "touchstart", "wheel"];
 
 // -- small pure helpers (exported: the tests run them in the browser) -----------------------------
@@ -176,9 +183,12 @@ export class PresenceDevice extends EventTarget {
     this.node = node.replace(/\/+$/, "");
     this.audience = options.audience || meta("presence-audience") || this.node;
     this.url = options.ws || meta("presence-ws");   // the node's websocket listener: <ws URL>/presence
-    if (!this.url) { throw new Error("PresenceDevice needs the node's device websocket URL (option ws)"); }
+    // On another origin than the node's: a browser paired through the node's popup (presence-pairing.js)
+    const paired = options.paired ?? (!options.assertion && new URL(this.node).origin !== location.origin);
+    this.pairing = paired ? new BrowserPairing(this.node) : null;
+    if (!this.url && !this.pairing) { throw new Error("PresenceDevice needs the node's device websocket URL (option ws)"); }
     this.storage = options.storage || (typeof localStorage !== "undefined" ? localStorage : null);
-    this.device = options.device || storedDeviceId(this.storage);
+    this.device = options.device || (this.pairing ? null : storedDeviceId(this.storage));   // paired: its name
     this.email = options.email || null;                 // which of this browser's identities; null: the first
     this.idleMs = (options.idleSeconds ?? 300) * 1000;
     this.retryBaseMs = (options.retryBaseSeconds ?? 1) * 1000;
@@ -238,6 +248,10 @@ export class PresenceDevice extends EventTarget {
     }
     window.addEventListener("pagehide", this._onPageHide);
     this._lastInput = Date.now();
+    if (this.pairing) {   // a device left open for weeks renews its month-long certificate in time
+      this._renewal = setInterval(() => { if (this.pairing.renewalDue()) { this.pairing.renew().catch(() => {}); } },
+                                  RENEW_CHECK_MS);
+    }
     this._desired = this._compute();
     this._setState("connecting", "");
     this._connectSoon(0);
@@ -251,6 +265,7 @@ export class PresenceDevice extends EventTarget {
     this._gone();
     if (this._channel) { this._channel.close(); this._channel = null; }
     if (this._tabs) { this._tabs.close(); this._tabs = null; }
+    clearInterval(this._renewal);
     Object.keys(this._timers).forEach((name) => this._clear(name));
     this._setState("stopped", "stopped by the page");
     this._drop(1000);
@@ -285,6 +300,20 @@ export class PresenceDevice extends EventTarget {
     return element ? element.content : meta("csrf-token");
   }
 
+  /** Pair this browser with the node, the person approving in the node's popup (pages on another
+   *  origin; call it from a click, or the browser blocks the popup). Resolves with {email, device}
+   *  and connects; rejects with a PairingError (reason "denied", "closed", "blocked", "failed"). */
+  async pairWithPopup(options = {}) {
+    if (!this.pairing) { throw new Error("pairWithPopup is for pages on another origin than the node's"); }
+    const record = await this.pairing.pairWithPopup(options);   // the popup opens before any await
+    this._refused = null;
+    if (this.state === "signed-out" || this.state === "revoked") {
+      this._setState("connecting", "");
+      this._connectSoon(0);
+    }
+    return { email: record.email, device: record.device };
+  }
+
   /** Ask for permission to show notifications (call it from a click: browsers require a gesture). */
   async requestNotifications() {
     if (typeof Notification === "undefined") { return "unsupported"; }
@@ -295,6 +324,7 @@ export class PresenceDevice extends EventTarget {
    *  (POST /browserid/certify): a device left open for days keeps working while the person's
    *  session lasts. Called by itself when a third of the certificate's day is left. */
   async renewCertificate() {
+    if (this.pairing) { return this._paired(await this.pairing.renew()); }
     const identity = this._identityRecord;
     if (!identity) { throw new Error("no identity to renew"); }
     const pair = await crypto.subtle.generateKey(KEY_ALGORITHM, false, ["sign", "verify"]);
@@ -322,8 +352,21 @@ export class PresenceDevice extends EventTarget {
     this._timers.connect = setTimeout(() => { delete this._timers.connect; this._connect(); }, delay);
   }
 
+  _paired(record) {
+    this.identity = { email: record.email, certificate: record.certificate, expires: record.expires };
+    this.device = record.device;   // the name the node gave it (as /me lists it)
+    this.url = this.url || record.websocket;
+    return this.identity;
+  }
+
   async _assertion() {
     if (this.assertionSource) { return this.assertionSource(this.audience); }
+    if (this.pairing) {
+      const assertion = await this.pairing.assertion();   // rejects (revoked) if the node says so
+      if (!assertion || this.pairing.record.certificate === this._refused) { return null; }
+      this._paired(this.pairing.record);
+      return assertion;
+    }
     const known = await usableIdentities();
     const identity = known.filter((id) => (!this.email || id.email === this.email) && id.certificate !== this._refused)[0];
     if (!identity) { return null; }
@@ -343,13 +386,15 @@ export class PresenceDevice extends EventTarget {
       assertion = await this._assertion();
     } catch (e) {
       assertion = null;
+      if (e && e.revoked) { this._lost(4007, 16, e.message); }   // a paired browser's renewal was refused
     } finally {
       this._connecting = false;
     }
     if (["stopped", "revoked", "replaced", "connected"].includes(this.state)) { return; }
     if (!assertion) {   // look again a little later, quietly: a link opened meanwhile signs this browser in
       if (this.state !== "signed-out") {
-        this._setState("signed-out", "this browser holds no certificate for this node: sign in");
+        this._setState("signed-out", this.pairing ? "this browser is not paired with the node: pairWithPopup()"
+                                                   : "this browser holds no certificate for this node: sign in");
       }
       if (!this.assertionSource) { this._connectSoon(RETRY_WAIT_FOR_IDENTITY_MS); }
       return;
@@ -368,7 +413,7 @@ export class PresenceDevice extends EventTarget {
     this._inFlight = false;
     this._refusal = null;
     socket.onopen = () => {
-      const connect = { type: "connect", assertion, device: this.device };
+      const connect = { type: "connect", assertion, device: this.device || undefined };
       if (this.applicationIds) { connect.application_ids = this.applicationIds; }
       this._request(connect, (reply) => {
         if (reply.result !== true) {
@@ -416,6 +461,7 @@ export class PresenceDevice extends EventTarget {
     if (["stopped", "revoked", "replaced"].includes(this.state)) { return; }
     const outcome = closeOutcome(code, errno);
     if (outcome === "revoked") {
+      if (this.pairing) { this.pairing.forget().catch(() => {}); }   // pairWithPopup() may pair it again
       this._setState("revoked", reason || "this device was revoked on /me");
     } else if (outcome === "replaced") {
       this._setState("replaced", "this browser's device connected again (another tab or window)");
