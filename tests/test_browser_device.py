@@ -65,16 +65,17 @@ INIT_SCRIPT = """
 
 
 class Module(Resource):
-    """The module alone, as the node serves it (text/javascript), for the helpers' test."""
+    """The module alone (and presence-pairing.js, which it imports), as the node serves them
+    (text/javascript), for the helpers' test."""
 
     isLeaf = True
 
     def render_GET(self, request: Any) -> bytes:
-        if request.path != b"/presence-device.js":
+        if request.path not in (b"/presence-device.js", b"/presence-pairing.js"):
             request.setResponseCode(404)
             return b""
         request.setHeader(b"content-type", b"text/javascript; charset=utf-8")
-        return (STATIC / "presence-device.js").read_bytes()
+        return (STATIC / request.path.decode().lstrip("/")).read_bytes()
 
 
 async def stopped(node: NodeProcess) -> None:
@@ -317,7 +318,7 @@ async def test_the_device_modules_helpers_in_chromium():
                             None, None, None]
     assert got["b64"] == "-_8A"
     assert got["certificate"] == {"exp": 42, "principal": {"email": "a@b.c"}}
-    assert "PresenceDevice" in got["exports"]
+    assert {"PresenceDevice", "BrowserPairing", "PairingError"} <= set(got["exports"])
 
 
 @pytest_twisted.ensureDeferred
