@@ -137,3 +137,21 @@ async def test_the_device_calls_answer_cors_without_credentials_and_the_popup_s_
         response = await treq.get(f"{live.public_url}/static/{name}")
         assert response.code == 200 and response.headers.getRawHeaders("access-control-allow-origin") == ["*"]
         await treq.content(response)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_store_pairs_a_browser_once_per_name_on_both_backends(database_url):
+    from presence.store import open_store
+
+    store = open_store(database_url)
+    await store.open()
+    try:
+        key = json.dumps(PUBLIC)
+        added = await store.add_paired_device("p1", "a@x.org", "chat.example (browser)", key, 1000.0)
+        assert (added.id, added.name, added.last_seen) == ("p1", "chat.example (browser)", None)
+        assert await store.add_paired_device("p2", "a@x.org", "chat.example (browser)", key, 1001.0) is None
+        assert (await store.add_paired_device("p3", "b@x.org", "chat.example (browser)", key, 1001.0)).id == "p3"
+        assert [d.id for d in await store.list_paired_devices("a@x.org")] == ["p1"]
+        assert (await store.revoke_paired_device("a@x.org", "p1")).id == "p1"
+    finally:
+        await store.close()
