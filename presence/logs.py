@@ -38,6 +38,7 @@ EVENTS: dict[str, str] = {
     "pair.certified": "a paired device took its certificate after the person approved it (email, device)",
     "pair.approved": "a person approved a device's pairing code on /me/pair (email, name)",
     "pair.denied": "a person denied a device's pairing code (email)",
+    "pair.browser": "a person let a page of another origin pair this browser as a device, in the node's popup (email, name, origin)",
     "pair.revoked": "a person revoked a paired device on /me; its connection closes on every node (email, name)",
     "device.connected": "a device proved its owner's email (with --log-connections; email, device)",
     "device.refused": "a device's assertion was refused (errno, message)",
