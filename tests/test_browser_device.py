@@ -65,13 +65,13 @@ INIT_SCRIPT = """
 
 
 class Module(Resource):
-    """The module alone (and presence-pairing.js, which it imports), as the node serves them
-    (text/javascript), for the helpers' test."""
+    """The module alone (and device-support.js and presence-pairing.js, which it imports), as the
+    node serves them (text/javascript), for the helpers' test."""
 
     isLeaf = True
 
     def render_GET(self, request: Any) -> bytes:
-        if request.path not in (b"/presence-device.js", b"/presence-pairing.js"):
+        if request.path not in (b"/presence-device.js", b"/device-support.js", b"/presence-pairing.js"):
             request.setResponseCode(404)
             return b""
         request.setHeader(b"content-type", b"text/javascript; charset=utf-8")

@@ -133,7 +133,7 @@ async def test_the_device_calls_answer_cors_without_credentials_and_the_popup_s_
     assert response.headers.getRawHeaders("access-control-allow-origin") is None
     page = await alice.post_json("/pair/browser", {"publicKey": JWK, "origin": APP})
     assert page.header("access-control-allow-origin") is None
-    for name in ("presence-device.js", "presence-pairing.js"):
+    for name in ("presence-device.js", "device-support.js", "presence-pairing.js"):
         response = await treq.get(f"{live.public_url}/static/{name}")
         assert response.code == 200 and response.headers.getRawHeaders("access-control-allow-origin") == ["*"]
         await treq.content(response)
