@@ -51,6 +51,10 @@ class AsyncioThread:
         asyncio.run_coroutine_threadsafe(cancel_all(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+        # closed here: a loop left to the garbage collector warns from its finalizer, at whatever
+        # depth a later test happens to be (a deeply recursive one then fails on it)
+        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+        self.loop.close()
 
 
 def idp_credentials(idp, email: str, device: str, audience: str, http_url: str, ws_url: str, key_name: str) -> Credentials:

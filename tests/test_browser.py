@@ -164,6 +164,8 @@ class NodeProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
         self.reader.join(5)
+        if not self.reader.is_alive():
+            self.process.stdout.close()
 
 
 # -- what the browser does (each runs in the Playwright thread) ---------------------------------------

@@ -84,6 +84,7 @@ async def stopped(node: NodeProcess) -> None:
     node.process.send_signal(signal.SIGTERM)
     for _ in range(300):
         if node.process.poll() is not None:
+            node.stop()   # ended: joins its output reader and closes the pipe
             return
         await deferLater(reactor, 0.05, lambda: None)
     node.process.kill()
@@ -328,20 +329,41 @@ async def test_the_browser_device_retries_a_refusal_left_open_and_stops_when_rev
     assert got["states"][-2:] == ["revoked", "stopped"] and "connected" in got["states"], got
 
 
+class ChatNode:
+    """A node run as operators run it (twistd, SQLite in ``tmp_path``) with an active application
+    "Chat" that alice granted: its id, key and alice's uid for it."""
+
+    app_id: str
+    key: str
+    uid: str
+
+    @classmethod
+    async def start(cls, tmp_path: Any, name: str) -> ChatNode:
+        chat = cls()
+        database = f"sqlite:{tmp_path / 'presence.sqlite'}"
+        await admin(database, "apps", "create", "dev@example.com", "chat.example", "Chat")
+        chat.app_id = (await admin(database, "apps", "verify", "1", "--force")).split()[-1]
+        chat.key = (await admin(database, "apps", "activate", "1")).splitlines()[-1]
+        chat.uid = (await admin(database, "grants", "add", "alice@example.com", chat.app_id)).strip()
+        chat.web, chat.ws = free_port(), free_port()
+        chat.base = f"http://127.0.0.1:{chat.web}"
+        args = ["--web", f"tcp:{chat.web}:interface=127.0.0.1", "--ws", f"tcp:{chat.ws}:interface=127.0.0.1",
+                "--public-url", chat.base, "--public-ws-url", f"ws://127.0.0.1:{chat.ws}", "--database", database,
+                "--node", name, "--grace", "1"]
+        chat.args, chat.tmp_path = args, tmp_path
+        chat.node = NodeProcess(args, tmp_path)
+        return chat
+
+    def restart(self) -> NodeProcess:
+        """The same node again (after it stopped)."""
+        self.node = NodeProcess(self.args, self.tmp_path)
+        return self.node
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_browser_device_signs_in_reports_its_status_shows_notifications_and_reconnects(tmp_path):
-    database = f"sqlite:{tmp_path / 'presence.sqlite'}"
-    await admin(database, "apps", "create", "dev@example.com", "chat.example", "Chat")
-    app_id = (await admin(database, "apps", "verify", "1", "--force")).split()[-1]
-    key = (await admin(database, "apps", "activate", "1")).splitlines()[-1]
-    uid = (await admin(database, "grants", "add", "alice@example.com", app_id)).strip()
-
-    web, ws = free_port(), free_port()
-    base = f"http://127.0.0.1:{web}"
-    args = ["--web", f"tcp:{web}:interface=127.0.0.1", "--ws", f"tcp:{ws}:interface=127.0.0.1",
-            "--public-url", base, "--public-ws-url", f"ws://127.0.0.1:{ws}", "--database", database,
-            "--node", "device-test", "--grace", "1"]
-    node = NodeProcess(args, tmp_path)
+    chat = await ChatNode.start(tmp_path, "device-test")
+    app_id, key, uid, web, ws, base, node = chat.app_id, chat.key, chat.uid, chat.web, chat.ws, chat.base, chat.node
     browser = BrowserThread()
     streams: list[WSClient] = []
     outputs: list[str] = []
@@ -415,7 +437,7 @@ async def test_a_browser_device_signs_in_reports_its_status_shows_notifications_
         await stopped(node)
         assert await browser.run(wait_state, page, "waiting") == "waiting"
         outputs.append(node.output)
-        node = NodeProcess(args, tmp_path)
+        node = chat.restart()
         await wait_listening(ws, node.process)
         before = info["connections"]
         info = await browser.run(wait_status, page, "online", before + 1)

@@ -22,10 +22,9 @@ from twisted.internet.defer import ensureDeferred
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from tests.test_browser import BrowserThread, NodeProcess, pytestmark  # noqa: F401 (the same skip rule)
-from tests.test_browser_device import admin, stopped
+from tests.test_browser import BrowserThread, pytestmark  # noqa: F401 (the same skip rule)
+from tests.test_browser_device import ChatNode, stopped
 from tests.test_twistd import wait_listening
-from tests.webnode import free_port
 from tests.wsclient import WSClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,18 +137,8 @@ def revoke_on_me(page: Any, base: str, device: str) -> dict[str, Any]:
 
 @pytest_twisted.ensureDeferred
 async def test_an_application_page_pairs_the_browser_through_the_node_s_popup_reconnects_and_is_revoked(tmp_path):
-    database = f"sqlite:{tmp_path / 'presence.sqlite'}"
-    await admin(database, "apps", "create", "dev@example.com", "chat.example", "Chat")
-    app_id = (await admin(database, "apps", "verify", "1", "--force")).split()[-1]
-    key = (await admin(database, "apps", "activate", "1")).splitlines()[-1]
-    uid = (await admin(database, "grants", "add", "alice@example.com", app_id)).strip()
-
-    web, ws = free_port(), free_port()
-    base = f"http://127.0.0.1:{web}"
-    args = ["--web", f"tcp:{web}:interface=127.0.0.1", "--ws", f"tcp:{ws}:interface=127.0.0.1",
-            "--public-url", base, "--public-ws-url", f"ws://127.0.0.1:{ws}", "--database", database,
-            "--node", "pairing-test", "--grace", "1"]
-    node = NodeProcess(args, tmp_path)
+    chat = await ChatNode.start(tmp_path, "pairing-test")
+    app_id, key, uid, web, ws, base, node = chat.app_id, chat.key, chat.uid, chat.web, chat.ws, chat.base, chat.node
     site = reactor.listenTCP(0, Site(ApplicationSite()), interface="127.0.0.1")
     app_origin = f"http://127.0.0.1:{site.getHost().port}"
     browser = BrowserThread()

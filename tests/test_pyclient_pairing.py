@@ -208,6 +208,9 @@ async def test_the_documented_python_clients_pair_in_chromium_report_go_idle_sto
             if process.poll() is None:
                 process.kill()
                 process.wait(10)
+            for pipe in (process.stdout, process.stderr):
+                if pipe is not None:
+                    pipe.close()
         client.stop()
         browser.stop()
         node.stop()

@@ -20,7 +20,7 @@ export function b64url(bytes) {
   return btoa(text).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
 }
 
-function b64urlJSON(value) { return b64url(new TextEncoder().encode(JSON.stringify(value))); }
+export function b64urlJSON(value) { return b64url(new TextEncoder().encode(JSON.stringify(value))); }
 
 /** The milliseconds to wait before reconnection attempt number `attempt` (0 first): "full jitter",
  *  a uniformly random time between 0 and min(max, base * 2^attempt). */
@@ -79,24 +79,27 @@ export function certificatePayload(certificate) {
 
 // -- the identities presence-id.js keeps (IndexedDB, this origin) --------------------------------
 
-function openDB() {
-  return new Promise((resolve, reject) => {
-    const request = indexedDB.open(DB_NAME, 1);
-    request.onupgradeneeded = () => { request.result.createObjectStore(DB_STORE, { keyPath: "email" }); };
+/** `withStore(mode, action)` for one IndexedDB object store of this origin: `action(store)` runs in a
+ *  transaction, and its request's result is the promise's once the transaction completes. */
+export function idbStore(dbName, storeName, keyPath) {
+  const open = () => new Promise((resolve, reject) => {
+    const request = indexedDB.open(dbName, 1);
+    request.onupgradeneeded = () => { request.result.createObjectStore(storeName, { keyPath }); };
     request.onsuccess = () => resolve(request.result);
     request.onerror = () => reject(request.error);
   });
+  return async (mode, action) => {
+    const db = await open();
+    return new Promise((resolve, reject) => {
+      const tx = db.transaction(storeName, mode);
+      const request = action(tx.objectStore(storeName));
+      tx.oncomplete = () => { db.close(); resolve(request ? request.result : undefined); };
+      tx.onerror = () => { db.close(); reject(tx.error); };
+    });
+  };
 }
 
-export async function withStore(mode, action) {
-  const db = await openDB();
-  return new Promise((resolve, reject) => {
-    const tx = db.transaction(DB_STORE, mode);
-    const request = action(tx.objectStore(DB_STORE));
-    tx.oncomplete = () => { db.close(); resolve(request ? request.result : undefined); };
-    tx.onerror = () => { db.close(); reject(tx.error); };
-  });
-}
+export const withStore = idbStore(DB_NAME, DB_STORE, "email");
 
 /** The identities this browser holds for this origin whose certificate is still usable. */
 export async function usableIdentities(now = Date.now()) {

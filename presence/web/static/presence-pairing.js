@@ -14,11 +14,12 @@
  * it is renewed with POST <node>/pair/renew when a third of it is left.
  */
 
+import { idbStore, signAssertion } from "./device-support.js";
+
 const DB_NAME = "presence-device";
 const DB_STORE = "pairings";
 const KEY_ALGORITHM = { name: "RSASSA-PKCS1-v1_5", modulusLength: 2048,
                         publicExponent: new Uint8Array([1, 0, 1]), hash: "SHA-256" };
-const ASSERTION_MS = 2 * 60 * 1000;     // an assertion is valid two minutes
 const MARGIN_MS = 60 * 1000;            // a certificate this close to its expiry is not used
 const RENEW_WHEN_LEFT = 1 / 3;          // renew with a third of the certificate's life left
 const POPUP_FEATURES = "popup,width=520,height=680";
@@ -33,33 +34,7 @@ export class PairingError extends Error {
   }
 }
 
-function b64url(bytes) {
-  const view = new Uint8Array(bytes);
-  let text = "";
-  for (let i = 0; i < view.length; i++) { text += String.fromCharCode(view[i]); }
-  return btoa(text).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
-}
-
-function b64urlJSON(value) { return b64url(new TextEncoder().encode(JSON.stringify(value))); }
-
-function openDB() {
-  return new Promise((resolve, reject) => {
-    const request = indexedDB.open(DB_NAME, 1);
-    request.onupgradeneeded = () => { request.result.createObjectStore(DB_STORE, { keyPath: "node" }); };
-    request.onsuccess = () => resolve(request.result);
-    request.onerror = () => reject(request.error);
-  });
-}
-
-async function withStore(mode, action) {
-  const db = await openDB();
-  return new Promise((resolve, reject) => {
-    const tx = db.transaction(DB_STORE, mode);
-    const request = action(tx.objectStore(DB_STORE));
-    tx.oncomplete = () => { db.close(); resolve(request ? request.result : undefined); };
-    tx.onerror = () => { db.close(); reject(tx.error); };
-  });
-}
+const withStore = idbStore(DB_NAME, DB_STORE, "node");
 
 /** Whether the answer the popup posted has the fields of /pair/token's. */
 export function pairedAnswer(data) {
@@ -184,10 +159,7 @@ export class BrowserPairing {
     return renewed;
   }
 
-  async _sign(record, now = Date.now()) {
-    const input = b64urlJSON({ alg: "RS256" }) + "." + b64urlJSON({ aud: record.audience, iat: now, exp: now + ASSERTION_MS });
-    const signature = await crypto.subtle.sign({ name: "RSASSA-PKCS1-v1_5" }, record.privateKey,
-                                               new TextEncoder().encode(input));
-    return record.certificate + "~" + input + "." + b64url(signature);
+  _sign(record) {
+    return signAssertion(record, record.audience);   // the record holds the certificate and the key
   }
 }
