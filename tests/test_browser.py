@@ -186,7 +186,7 @@ def ask_for_link(page: Any, url: str, email: str) -> str:
     page.click("#presence-id-send")
     message = page.locator("#presence-id-message")
     message.wait_for(state="visible")
-    page.wait_for_function("document.getElementById('presence-id-message').textContent.length > 0")
+    page.wait_for_function("() => document.getElementById('presence-id-message').textContent.length > 0")
     return message.text_content()
 
 

@@ -70,7 +70,8 @@ def pair_and_ask_for_link(page: Any, email: str) -> Any:
     popup.click("#signin")
     popup.fill("#presence-id-email", email)
     popup.click("#presence-id-send")
-    popup.wait_for_function("document.getElementById('presence-id-message').textContent.length > 0")
+    # a function, not a bare expression: Playwright evaluates those with eval, which the pages' CSP forbids
+    popup.wait_for_function("() => document.getElementById('presence-id-message').textContent.length > 0")
     return popup
 
 
